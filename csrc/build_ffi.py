@@ -1,0 +1,88 @@
+"""cffi builder (out-of-line API mode) for the C kernels, run by setup.py.
+
+OpenMP is probed by compiling and linking a tiny program: FASTSCE_OPENMP=auto
+(default) uses it when that works and warns loudly when it does not;
+FASTSCE_OPENMP=1 makes its absence an error, 0 builds serial kernels. The
+outcome is compiled into the library (FASTSCE_HAVE_OPENMP) for info().
+Flags: -O3 without -ffast-math (it breaks NaN/inf and the polynomials'
+rounding, PERF_NOTES), -ffp-contract=off so results match the Numba backend.
+"""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-std=c99"]
+
+
+def _cdef_source():
+    text = (HERE / "fastsce.h").read_text()
+    return text.split("/* CDEF BEGIN */")[1].split("/* CDEF END */")[0]
+
+
+def _compiles(flags):
+    """True if the C compiler builds and links an OpenMP program with `flags`."""
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    src = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn omp_get_max_threads()>0&&n>0?0:1;}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        c = pathlib.Path(tmp, "probe.c")
+        c.write_text(src)
+        try:
+            res = subprocess.run(cc.split() + [str(c), "-o", str(pathlib.Path(tmp, "probe"))] + flags,
+                                 capture_output=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return res.returncode == 0
+
+
+def openmp_flags():
+    mode = os.environ.get("FASTSCE_OPENMP", "auto").strip().lower()
+    if mode == "0":
+        return [], []
+    for flags in (["-fopenmp"], ["-Xpreprocessor", "-fopenmp", "-lomp"]):
+        if _compiles(flags):
+            return flags, [f for f in flags if f != "-Xpreprocessor"]
+    if mode == "1":
+        sys.exit("FASTSCE_OPENMP=1 but the compiler cannot build an OpenMP program")
+    warnings.warn(
+        "\n\n*** fastsce: the C compiler cannot build OpenMP programs; the C kernels will "
+        "run on ONE thread. Install an OpenMP runtime (gcc's libgomp, or libomp for clang) "
+        "and rebuild. ***\n",
+        stacklevel=1,
+    )
+    return ["-fopenmp-simd"] if _compiles_plain(["-fopenmp-simd"]) else [], []
+
+
+def _compiles_plain(flags):
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    with tempfile.TemporaryDirectory() as tmp:
+        c = pathlib.Path(tmp, "p.c")
+        c.write_text("int main(void){return 0;}\n")
+        res = subprocess.run(cc.split() + [str(c), "-o", str(pathlib.Path(tmp, "p"))] + flags,
+                             capture_output=True)
+        return res.returncode == 0
+
+
+compile_omp, link_omp = openmp_flags()
+flags = BASE_FLAGS + compile_omp
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef_source())
+ffibuilder.set_source(
+    "fastsce._cffi_kernels",
+    '#include "fastsce.h"\n',
+    # setuptools wants paths relative to setup.py's folder.
+    sources=[os.path.relpath(HERE / "sigmoid_ce.c")],
+    include_dirs=[os.path.relpath(HERE)],
+    extra_compile_args=flags + [f'-DFASTSCE_BUILD_FLAGS_STR="{" ".join(flags)}"'],
+    extra_link_args=link_omp,
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

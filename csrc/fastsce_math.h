@@ -1,0 +1,142 @@
+/* Branch-free exp, log and log1p in plain arithmetic, static inline, so the
+ * compiler vectorizes the loops that use them (glibc's scalar calls would not
+ * vectorize; libmvec was slower and less accurate, PERF_NOTES).
+ *
+ * Twin of fastsce/_numba_math.py: same algorithms, constants and order of
+ * operations. Built with -ffp-contract=off and without -ffast-math, so the
+ * magic-constant rounding and the two-constant range reduction survive and
+ * results match the Numba backend bit for bit.
+ *
+ * Sources: exp reduction and the log kernel follow fdlibm/musl (e_exp.c,
+ * e_log.c, e_logf.c); the float32 exp polynomial is Cephes expf's fit.
+ */
+#ifndef FASTSCE_MATH_H
+#define FASTSCE_MATH_H
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+static inline float bits_f32(int32_t i) { float f; memcpy(&f, &i, 4); return f; }
+static inline int32_t f32_bits(float f) { int32_t i; memcpy(&i, &f, 4); return i; }
+static inline double bits_f64(int64_t i) { double f; memcpy(&f, &i, 8); return f; }
+static inline int64_t f64_bits(double f) { int64_t i; memcpy(&i, &f, 8); return i; }
+
+/* ------------------------------------------------------------ float32 */
+
+/* exp(x) for x <= 0 (and NaN); 0 below the subnormal range. */
+static inline float exp_neg_f32(float x)
+{
+    x = x < -104.0f ? -104.0f : x;                  /* exp(-104) rounds to 0; NaN stays */
+    float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* rint: + 1.5*2^23 */
+    k = k == k ? k : 0.0f;                          /* keep the int conversion defined */
+    float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+    float r2 = r * r;
+    float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
+                 + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r2
+              + r + 1.0f;
+    int32_t ki = (int32_t)k;
+    int32_t k1 = ki >> 1;                           /* 2^k as two factors: subnormals */
+    int32_t k2 = ki - k1;
+    return p * bits_f32((k1 + 127) << 23) * bits_f32((k2 + 127) << 23);
+}
+
+/* log(2^k (1 + f)) for 1 + f in [sqrt(2)/2, sqrt(2)) (fdlibm's kernel). */
+static inline float log_reduced_f32(float f, float k)
+{
+    float s = f / (2.0f + f);
+    float z = s * s;
+    float w = z * z;
+    float r = z * (0.66666662693f + w * 0.28498786688f) + w * (0.40000972152f + w * 0.24279078841f);
+    float hfsq = 0.5f * f * f;
+    return s * (hfsq + r) + k * 9.0580006145e-06f - hfsq + f + k * 6.9313812256e-01f;
+}
+
+/* log1p(e) for e in [0, 1] (and NaN); *inv = 1 / (1 + e). */
+static inline float log1p_unit_f32(float e, float *inv)
+{
+    float u = 1.0f + e;
+    int big = u > 1.41421356237f;
+    float f = big ? u * 0.5f - 1.0f : u - 1.0f;
+    float k = big ? 1.0f : 0.0f;
+    *inv = 1.0f / u;
+    /* u = 1 + e rounded; (e - (u - 1)) / u restores what the rounding lost. */
+    return log_reduced_f32(f, k) + (e - (u - 1.0f)) * *inv;
+}
+
+/* log(u) for any float32: -inf at 0, NaN below 0, subnormals exact. */
+static inline float log_f32(float u)
+{
+    int tiny = u < 1.1754944e-38f;
+    float v = tiny ? u * 33554432.0f : u;           /* 2^25 lifts subnormals */
+    uint32_t ix = (uint32_t)f32_bits(v) + (0x3F800000u - 0x3F3504F3u);
+    int32_t k = (int32_t)(ix >> 23) - 127;
+    ix = (ix & 0x007FFFFFu) + 0x3F3504F3u;
+    float f = bits_f32((int32_t)ix) - 1.0f;
+    float kf = (float)k - (tiny ? 25.0f : 0.0f);
+    float r = log_reduced_f32(f, kf);
+    r = u < INFINITY ? r : u;                       /* inf and NaN pass through */
+    r = u == 0.0f ? -INFINITY : r;
+    return u < 0.0f ? NAN : r;
+}
+
+/* ------------------------------------------------------------ float64 */
+
+static inline double exp_neg_f64(double x)
+{
+    x = x < -746.0 ? -746.0 : x;
+    double k = (x * 1.44269504088896338700e+00 + 6755399441055744.0) - 6755399441055744.0;
+    k = k == k ? k : 0.0;
+    double hi = x - k * 6.93147180369123816490e-01;
+    double lo = k * 1.90821492927058770002e-10;
+    double r = hi - lo;
+    double t = r * r;
+    double c = r - t * (1.66666666666666019037e-01 + t * (-2.77777777770155933842e-03
+               + t * (6.61375632143793436117e-05 + t * (-1.65339022054652515390e-06
+               + t * 4.13813679705723846039e-08))));
+    double p = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi);
+    int64_t ki = (int64_t)k;
+    int64_t k1 = ki >> 1;
+    int64_t k2 = ki - k1;
+    return p * bits_f64((k1 + 1023) << 52) * bits_f64((k2 + 1023) << 52);
+}
+
+static inline double log_reduced_f64(double f, double k)
+{
+    double s = f / (2.0 + f);
+    double z = s * s;
+    double w = z * z;
+    double r = z * (6.666666666666735130e-01 + w * (2.857142874366239149e-01
+               + w * (1.818357216161805012e-01 + w * 1.479819860511658591e-01)))
+             + w * (3.999999999940941908e-01 + w * (2.222219843214978396e-01
+               + w * 1.531383769920937332e-01));
+    double hfsq = 0.5 * f * f;
+    return s * (hfsq + r) + k * 1.90821492927058770002e-10 - hfsq + f
+           + k * 6.93147180369123816490e-01;
+}
+
+static inline double log1p_unit_f64(double e, double *inv)
+{
+    double u = 1.0 + e;
+    int big = u > 1.4142135623730951;
+    double f = big ? u * 0.5 - 1.0 : u - 1.0;
+    double k = big ? 1.0 : 0.0;
+    *inv = 1.0 / u;
+    return log_reduced_f64(f, k) + (e - (u - 1.0)) * *inv;
+}
+
+static inline double log_f64(double u)
+{
+    int tiny = u < 2.2250738585072014e-308;
+    double v = tiny ? u * 18014398509481984.0 : u;  /* 2^54 lifts subnormals */
+    uint64_t ix = (uint64_t)f64_bits(v) + ((uint64_t)(0x3FF00000u - 0x3FE6A09Eu) << 32);
+    int64_t k = (int64_t)(ix >> 52) - 1023;
+    ix = (ix & 0x000FFFFFFFFFFFFFull) + ((uint64_t)0x3FE6A09Eu << 32);
+    double f = bits_f64((int64_t)ix) - 1.0;
+    double kf = (double)k - (tiny ? 54.0 : 0.0);
+    double r = log_reduced_f64(f, kf);
+    r = u < INFINITY ? r : u;
+    r = u == 0.0 ? -INFINITY : r;
+    return u < 0.0 ? NAN : r;
+}
+
+#endif

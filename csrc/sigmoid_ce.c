@@ -1,0 +1,394 @@
+/* Binary (sigmoid) soft-label cross-entropy: fused loss + gradient.
+ * Twin of fastsce/_numba_kernels.py.
+ *
+ * Design
+ *  - Fused: one pass reads x, targets (weight, mask, pos_weight if given)
+ *    once, writes the gradient (and the loss map for "none") and sums the loss.
+ *  - Layout: every operand is a base pointer plus element strides over one
+ *    C-order iteration shape (fastsce/_layout.py coalesces it first). The
+ *    walk goes row by row of the last dimension; a row's operand with unit
+ *    stride is used in place, any other is gathered into per-thread scratch
+ *    (outputs scattered back), so the segment loop always sees contiguous
+ *    data and vectorizes.
+ *  - Blocks: each reduction group is cut into FASTSCE_BLOCK-element blocks,
+ *    one float64 partial per block, combined by the caller in a fixed order:
+ *    results do not depend on the thread count. Threads take whole blocks
+ *    (`schedule(static)`); no float reduction clause, no atomics.
+ *  - Specialization: segment loops are instantiated for every combination of
+ *    from_logits, divergence, extras (weight/mask/pos_weight present; an
+ *    absent one reads a per-thread buffer of neutral values), gradient and
+ *    loss map, so the hot loops carry no run-time branches.
+ *  - Trust: the Python layer has checked dtypes, shapes, aliasing and option
+ *    ranges; here only scratch allocation can fail.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "fastsce.h"
+#include "fastsce_math.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef FASTSCE_BUILD_FLAGS_STR
+#define FASTSCE_BUILD_FLAGS_STR ""
+#endif
+const char FASTSCE_BUILD_FLAGS[] = FASTSCE_BUILD_FLAGS_STR;
+#ifdef _OPENMP
+const int FASTSCE_HAVE_OPENMP = 1;
+#else
+const int FASTSCE_HAVE_OPENMP = 0;
+#endif
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+typedef struct { double loss; int64_t count, bad; } seg_sums;
+
+/* One row of contiguous operands, as the segment loops see it. */
+typedef struct {
+    const void *x, *t, *w, *pw;
+    const uint8_t *m;
+    void *g, *l;
+    int64_t n;
+    const fastsce_binary_params *p;
+    double gs;
+} seg_args;
+
+typedef seg_sums (*segment_fn)(const seg_args *);
+
+/* ---------------------------------------------------- per-element formula */
+
+/* (w * loss, w * dloss * gs) of SPEC §1.1 for raw target tf; same operations
+ * in the same order as `element` in _numba_kernels.py. */
+#define DEFINE_ELEMENT(XN, X)                                                          \
+ALWAYS_INLINE X xlogx_##XN(X u) { return u > (X)0 ? u * log_##XN(u) : (X)0; }          \
+ALWAYS_INLINE X element_##XN(X x, X tf, X sc, X inv, X keep, X shift, X a, X w, X gs,   \
+                             int from_logits, int divergence, X *grad)                 \
+{                                                                                      \
+    X z = tf * inv * keep + shift;                                                     \
+    X zc = (sc - tf) * inv * keep + shift;                                             \
+    X az = a * z, loss, dloss;                                                         \
+    if (from_logits) {                                                                 \
+        X ax = x < (X)0 ? -x : x;                                                      \
+        X e = exp_neg_##XN(-ax), iu;                                                   \
+        X lp = log1p_unit_##XN(e, &iu);                                                \
+        int pos = x >= (X)0;                                                           \
+        X coef = pos ? zc : az;                                                        \
+        X lin = coef == (X)0 ? (X)0 : coef * ax;   /* 0 * inf is 0 here (SPEC §2) */   \
+        loss = lp * (az + zc) + lin;                                                   \
+        dloss = (pos ? (zc - az * e) : (zc * e - az)) * iu;                            \
+    } else {                                                                           \
+        X lc = log_##XN(x);                                                            \
+        lc = lc < (X)-100 ? (X)-100 : lc;                                              \
+        X l1c = log_##XN((X)1 - x);                                                    \
+        l1c = l1c < (X)-100 ? (X)-100 : l1c;                                           \
+        loss = -((az == (X)0 ? (X)0 : az * lc) + (zc == (X)0 ? (X)0 : zc * l1c));       \
+        X den = x * ((X)1 - x);                                                        \
+        den = den < (X)1e-12 ? (X)1e-12 : den;                                         \
+        dloss = (zc * x - az * ((X)1 - x)) / den;                                      \
+    }                                                                                  \
+    if (divergence)                                                                    \
+        loss = loss + (xlogx_##XN(z) + xlogx_##XN(zc));                                \
+    *grad = dloss * w * gs;                                                            \
+    return loss * w;                                                                   \
+}
+DEFINE_ELEMENT(f32, float)
+DEFINE_ELEMENT(f64, double)
+
+/* ---------------------------------------------------------- segment loops */
+
+#define IS_INT_uint8_t 1
+#define IS_INT_uint16_t 1
+#define IS_INT_float 0
+#define IS_INT_double 0
+#define IS_INT(T) IS_INT_##T
+
+/* The contiguous loop over one row; flags are compile-time in every caller. */
+#define DEFINE_SEGMENT(XN, X, TN, T)                                                   \
+ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,          \
+        int divergence, int extras, int want_g, int want_l)                            \
+{                                                                                      \
+    const X *x = (const X *)s->x, *w = (const X *)s->w, *pw = (const X *)s->pw;        \
+    const T *t = (const T *)s->t;                                                      \
+    const uint8_t *m = s->m;                                                           \
+    X *g = (X *)s->g, *l = (X *)s->l;                                                  \
+    const fastsce_binary_params *p = s->p;                                             \
+    const X sc = (X)p->scale, inv = (X)(1.0 / p->scale), keep = (X)(1.0 - p->eps);     \
+    const X shift = (X)(p->eps * 0.5), gs = (X)s->gs;                                  \
+    const int has_ignore = IS_INT(T) && p->has_ignore;                                 \
+    const T ignore = (T)p->ignore;                                                     \
+    const int64_t n = s->n;                                                            \
+    double total = 0.0;                                                                \
+    int64_t count = 0, bad = 0;                                                        \
+    _Pragma("omp simd reduction(+:total,count,bad)")                                   \
+    for (int64_t i = 0; i < n; i++) {                                                  \
+        T ti = t[i];                                                                   \
+        int valid = extras ? m[i] != 0 : 1;                                            \
+        if (IS_INT(T)) valid = valid && !(has_ignore && ti == ignore);                 \
+        X tf = (X)ti;                                                                  \
+        bad += valid && !(tf >= (X)0 && tf <= sc);                                     \
+        X dl;                                                                          \
+        X loss = element_##XN(x[i], tf, sc, inv, keep, shift, extras ? pw[i] : (X)1,   \
+                              extras ? w[i] : (X)1, gs, from_logits, divergence, &dl); \
+        loss = valid ? loss : (X)0;                                                    \
+        total += (double)loss;                                                         \
+        count += valid;                                                                \
+        if (want_g) g[i] = valid ? dl : (X)0;                                          \
+        if (want_l) l[i] = loss;                                                       \
+    }                                                                                  \
+    seg_sums r = {total, count, bad};                                                  \
+    return r;                                                                          \
+}
+
+/* One non-inlined function per flag combination, and their table. */
+#define V(XN, TN, FL, DV, EX, WG, WL)                                                  \
+static seg_sums seg_##XN##_##TN##_##FL##DV##EX##WG##WL(const seg_args *s)              \
+{ return segment_##XN##_##TN(s, FL, DV, EX, WG, WL); }
+#define V2(XN, TN, FL, DV, EX, WG) V(XN, TN, FL, DV, EX, WG, 0) V(XN, TN, FL, DV, EX, WG, 1)
+#define V4(XN, TN, FL, DV, EX) V2(XN, TN, FL, DV, EX, 0) V2(XN, TN, FL, DV, EX, 1)
+#define V8(XN, TN, FL, DV) V4(XN, TN, FL, DV, 0) V4(XN, TN, FL, DV, 1)
+#define V16(XN, TN, FL) V8(XN, TN, FL, 0) V8(XN, TN, FL, 1)
+#define V32(XN, TN) V16(XN, TN, 0) V16(XN, TN, 1)
+#define E(XN, TN, FL, DV, EX, WG, WL) seg_##XN##_##TN##_##FL##DV##EX##WG##WL,
+#define E2(XN, TN, FL, DV, EX, WG) E(XN, TN, FL, DV, EX, WG, 0) E(XN, TN, FL, DV, EX, WG, 1)
+#define E4(XN, TN, FL, DV, EX) E2(XN, TN, FL, DV, EX, 0) E2(XN, TN, FL, DV, EX, 1)
+#define E8(XN, TN, FL, DV) E4(XN, TN, FL, DV, 0) E4(XN, TN, FL, DV, 1)
+#define E16(XN, TN, FL) E8(XN, TN, FL, 0) E8(XN, TN, FL, 1)
+#define E32(XN, TN) E16(XN, TN, 0) E16(XN, TN, 1)
+/* index = from_logits<<4 | divergence<<3 | extras<<2 | want_g<<1 | want_l */
+#define SEGMENT_TABLE(XN, X, TN, T)                                                    \
+    DEFINE_SEGMENT(XN, X, TN, T)                                                       \
+    V32(XN, TN)                                                                        \
+    static const segment_fn table_##XN##_##TN[32] = { E32(XN, TN) };
+
+/* -------------------------------------------------------- scalar helpers */
+
+/* Index of the first counted target outside [0, scale] in a row (rare path). */
+#define DEFINE_FIRST_BAD(TN, T)                                                        \
+static int64_t first_bad_##TN(const T *t, const uint8_t *m, int64_t n,                 \
+                              const fastsce_binary_params *p)                          \
+{                                                                                      \
+    for (int64_t i = 0; i < n; i++) {                                                  \
+        int valid = m ? m[i] != 0 : 1;                                                 \
+        if (IS_INT(T) && p->has_ignore && t[i] == (T)p->ignore) valid = 0;             \
+        double tf = (double)t[i];                                                      \
+        if (valid && !(tf >= 0.0 && tf <= p->scale)) return i;                         \
+    }                                                                                  \
+    return -1;                                                                         \
+}
+DEFINE_FIRST_BAD(f32, float)
+DEFINE_FIRST_BAD(f64, double)
+DEFINE_FIRST_BAD(u8, uint8_t)
+DEFINE_FIRST_BAD(u16, uint16_t)
+
+/* ------------------------------------------------------------- the walk */
+
+typedef int64_t (*first_bad_fn)(const void *, const uint8_t *, int64_t,
+                                const fastsce_binary_params *);
+
+typedef struct {
+    int ndim;
+    const int64_t *shape, *strides;
+    int64_t group_size;
+    const char *base[FASTSCE_NSLOTS];
+    int64_t item[FASTSCE_NSLOTS];       /* bytes per element of each slot   */
+    int neutral[FASTSCE_NSLOTS];        /* absent but read: neutral values  */
+    segment_fn segment;
+    first_bad_fn first_bad;
+    const fastsce_binary_params *p;
+    const double *gscale;
+    double *part_loss;
+    int64_t *part_count, *part_bad, *part_first;
+} walk;
+
+enum { SX, ST, SW, SM, SPW, SG, SL };
+
+/* Per-thread scratch: a row buffer per slot, plus neutral buffers (ones). */
+static char *scratch_alloc(const walk *k, char **buf)
+{
+    size_t per = (size_t)FASTSCE_BLOCK * 8;
+    char *mem = malloc(per * FASTSCE_NSLOTS);
+    if (!mem) return NULL;
+    for (int s = 0; s < FASTSCE_NSLOTS; s++) {
+        buf[s] = mem + per * s;
+        if (k->neutral[s]) {
+            for (int64_t i = 0; i < FASTSCE_BLOCK; i++) {
+                if (k->item[s] == 1) ((uint8_t *)buf[s])[i] = 1;
+                else if (k->item[s] == 4) ((float *)buf[s])[i] = 1.0f;
+                else ((double *)buf[s])[i] = 1.0;
+            }
+        }
+    }
+    return mem;
+}
+
+static void run_block(const walk *k, int64_t b, char **buf)
+{
+    const int nd = k->ndim;
+    const int64_t inner = k->shape[nd - 1];
+    const int64_t per_group = (k->group_size + FASTSCE_BLOCK - 1) / FASTSCE_BLOCK;
+    const int64_t grp = b / per_group;
+    const int64_t start = grp * k->group_size + (b - grp * per_group) * FASTSCE_BLOCK;
+    int64_t stop = start + FASTSCE_BLOCK;
+    if (stop > (grp + 1) * k->group_size) stop = (grp + 1) * k->group_size;
+    double total = 0.0;
+    int64_t count = 0, bad = 0, first = -1;
+    for (int64_t i = start; i < stop;) {
+        int64_t row = i / inner, col = i - row * inner;
+        int64_t n = inner - col < stop - i ? inner - col : stop - i;
+        const void *ptr[FASTSCE_NSLOTS];
+        int64_t off[FASTSCE_NSLOTS];
+        for (int s = 0; s < FASTSCE_NSLOTS; s++) off[s] = col * k->strides[s * nd + nd - 1];
+        for (int d = nd - 2; d >= 0; d--) {
+            int64_t idx = row % k->shape[d];
+            row /= k->shape[d];
+            for (int s = 0; s < FASTSCE_NSLOTS; s++) off[s] += idx * k->strides[s * nd + d];
+        }
+        for (int s = 0; s < FASTSCE_NSLOTS; s++) {
+            int64_t st = k->strides[s * nd + nd - 1], it = k->item[s];
+            if (k->neutral[s]) ptr[s] = buf[s];
+            else if (!k->base[s]) ptr[s] = NULL;
+            else if (st == 1) ptr[s] = k->base[s] + off[s] * it;
+            else if (s >= SG) ptr[s] = buf[s];      /* output: scatter below */
+            else {                                  /* input: gather */
+                for (int64_t j = 0; j < n; j++)
+                    memcpy(buf[s] + j * it, k->base[s] + (off[s] + j * st) * it, (size_t)it);
+                ptr[s] = buf[s];
+            }
+        }
+        seg_args a = {ptr[SX], ptr[ST], ptr[SW], ptr[SPW], (const uint8_t *)ptr[SM],
+                      (void *)ptr[SG], (void *)ptr[SL], n, k->p, k->gscale ? k->gscale[grp] : 0.0};
+        seg_sums r = k->segment(&a);
+        for (int s = SG; s <= SL; s++) {
+            int64_t st = k->strides[s * nd + nd - 1], it = k->item[s];
+            if (k->base[s] && st != 1)
+                for (int64_t j = 0; j < n; j++)
+                    memcpy((char *)k->base[s] + (off[s] + j * st) * it, buf[s] + j * it, (size_t)it);
+        }
+        if (r.bad && first < 0) first = i + k->first_bad(ptr[ST], k->base[SM] ? (const uint8_t *)ptr[SM] : NULL, n, k->p);
+        total += r.loss;
+        count += r.count;
+        bad += r.bad;
+        i += n;
+    }
+    if (k->part_loss) k->part_loss[b] = total;
+    k->part_count[b] = count;
+    k->part_bad[b] = bad;
+    k->part_first[b] = first;
+}
+
+static int run_walk(const walk *k, int num_threads)
+{
+    int64_t n = 1;
+    for (int d = 0; d < k->ndim; d++) n *= k->shape[d];
+    const int64_t per_group = (k->group_size + FASTSCE_BLOCK - 1) / FASTSCE_BLOCK;
+    const int64_t total_blocks = k->group_size ? n / k->group_size * per_group : 0;
+    int failed = 0;
+    (void)num_threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads) reduction(|:failed)
+#endif
+    {
+        char *buf[FASTSCE_NSLOTS];
+        char *mem = scratch_alloc(k, buf);
+        if (!mem) failed = 1;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t b = 0; b < total_blocks; b++)
+            if (mem) run_block(k, b, buf);
+        free(mem);
+    }
+    return failed ? FASTSCE_ENOMEM : 0;
+}
+
+/* ------------------------------------------------------------ entry points */
+
+static void fill_walk(walk *k, int ndim, const int64_t *shape, int64_t group_size,
+                      const int64_t *strides, const fastsce_binary_params *p)
+{
+    memset(k, 0, sizeof *k);
+    k->ndim = ndim;
+    k->shape = shape;
+    k->strides = strides;
+    k->group_size = group_size;
+    k->p = p;
+}
+
+#define DEFINE_BINARY(XN, X, TN, T)                                                    \
+SEGMENT_TABLE(XN, X, TN, T)                                                            \
+int fastsce_sigmoid_ce_##XN##_##TN(int ndim, const int64_t *shape, int64_t group_size,  \
+        const X *x, const T *t, const X *w, const uint8_t *m, const X *pw,             \
+        const int64_t *strides, const fastsce_binary_params *p, const double *gscale,  \
+        X *g, X *l, double *part_loss, int64_t *part_count, int64_t *part_bad,         \
+        int64_t *part_first)                                                           \
+{                                                                                      \
+    walk k;                                                                            \
+    fill_walk(&k, ndim, shape, group_size, strides, p);                                \
+    const void *bases[FASTSCE_NSLOTS] = {x, t, w, m, pw, g, l};                        \
+    const int64_t items[FASTSCE_NSLOTS] = {sizeof(X), sizeof(T), sizeof(X), 1,         \
+                                           sizeof(X), sizeof(X), sizeof(X)};           \
+    int extras = w || m || pw;                                                         \
+    for (int s = 0; s < FASTSCE_NSLOTS; s++) {                                         \
+        k.base[s] = (const char *)bases[s];                                            \
+        k.item[s] = items[s];                                                          \
+        k.neutral[s] = extras && !bases[s] && (s == SW || s == SM || s == SPW);        \
+    }                                                                                  \
+    int index = (p->from_logits != 0) << 4 | (p->divergence != 0) << 3 | extras << 2   \
+                | (g != NULL) << 1 | (l != NULL);                                      \
+    k.segment = table_##XN##_##TN[index];                                              \
+    k.first_bad = (first_bad_fn)first_bad_##TN;                                        \
+    k.gscale = gscale;                                                                 \
+    k.part_loss = part_loss;                                                           \
+    k.part_count = part_count;                                                         \
+    k.part_bad = part_bad;                                                             \
+    k.part_first = part_first;                                                         \
+    return run_walk(&k, p->num_threads);                                               \
+}
+DEFINE_BINARY(f32, float, f32, float)
+DEFINE_BINARY(f32, float, f64, double)
+DEFINE_BINARY(f32, float, u8, uint8_t)
+DEFINE_BINARY(f32, float, u16, uint16_t)
+DEFINE_BINARY(f64, double, f32, float)
+DEFINE_BINARY(f64, double, f64, double)
+DEFINE_BINARY(f64, double, u8, uint8_t)
+DEFINE_BINARY(f64, double, u16, uint16_t)
+
+/* Count and check only. */
+#define DEFINE_COUNT(TN, T)                                                            \
+static seg_sums count_##TN(const seg_args *s)                                          \
+{                                                                                      \
+    const T *t = (const T *)s->t;                                                      \
+    const fastsce_binary_params *p = s->p;                                             \
+    int64_t count = 0, bad = 0;                                                        \
+    for (int64_t i = 0; i < s->n; i++) {                                               \
+        int valid = s->m ? s->m[i] != 0 : 1;                                           \
+        if (IS_INT(T) && p->has_ignore && t[i] == (T)p->ignore) valid = 0;             \
+        double tf = (double)t[i];                                                      \
+        bad += valid && !(tf >= 0.0 && tf <= p->scale);                                \
+        count += valid;                                                                \
+    }                                                                                  \
+    seg_sums r = {0.0, count, bad};                                                    \
+    return r;                                                                          \
+}                                                                                      \
+int fastsce_count_valid_##TN(int ndim, const int64_t *shape, int64_t group_size,        \
+        const T *t, const uint8_t *m, const int64_t *strides,                          \
+        const fastsce_binary_params *p, int64_t *part_count, int64_t *part_bad,        \
+        int64_t *part_first)                                                           \
+{                                                                                      \
+    walk k;                                                                            \
+    fill_walk(&k, ndim, shape, group_size, strides, p);                                \
+    k.base[ST] = (const char *)t;                                                      \
+    k.item[ST] = sizeof(T);                                                            \
+    k.base[SM] = (const char *)m;                                                      \
+    k.item[SM] = 1;                                                                    \
+    k.segment = count_##TN;                                                            \
+    k.first_bad = (first_bad_fn)first_bad_##TN;                                        \
+    k.part_count = part_count;                                                         \
+    k.part_bad = part_bad;                                                             \
+    k.part_first = part_first;                                                         \
+    return run_walk(&k, p->num_threads);                                               \
+}
+DEFINE_COUNT(f32, float)
+DEFINE_COUNT(f64, double)
+DEFINE_COUNT(u8, uint8_t)
+DEFINE_COUNT(u16, uint16_t)

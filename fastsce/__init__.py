@@ -1,0 +1,31 @@
+"""fastsce: fused CPU kernels for cross-entropy with soft labels.
+
+One public function per loss; every backend (Numba, C, the NumPy float64
+reference) sits behind it. See ``info()`` for what this machine offers.
+"""
+from ._api import LossResult, sigmoid_cross_entropy
+from ._backends import use_backend
+from ._errors import (
+    BackendUnavailableError,
+    FastSCEError,
+    FastSCETypeError,
+    FastSCEValueError,
+    TargetRangeError,
+)
+from ._info import info
+from ._layout import BLOCK
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLOCK",
+    "BackendUnavailableError",
+    "FastSCEError",
+    "FastSCETypeError",
+    "FastSCEValueError",
+    "LossResult",
+    "TargetRangeError",
+    "info",
+    "sigmoid_cross_entropy",
+    "use_backend",
+]

@@ -1,0 +1,120 @@
+"""One record per backend: name, whether it loads, why not, and what it offers.
+
+Backends load lazily (importing Numba costs a few hundred ms), once per
+process. `backend=` beats the `use_backend` context beats FASTSCE_BACKEND
+beats "auto".
+"""
+import contextlib
+import contextvars
+import importlib
+import os
+import warnings
+
+from ._errors import BackendUnavailableError, FastSCEValueError
+
+NAMES = ("numba", "c", "numpy")
+#: "auto" takes the first available of these (see README, "Choosing a backend").
+AUTO_ORDER = ("c", "numba", "numpy")
+
+
+class Backend:
+    """A backend module loaded on first use; `reason` says why it failed."""
+
+    def __init__(self, name, module):
+        self.name = name
+        self._module_name = module
+        self._module = None
+        self.reason = None
+        self._tried = False
+
+    def load(self):
+        if not self._tried:
+            self._tried = True
+            try:
+                self._module = importlib.import_module(self._module_name, __package__)
+            except Exception as exc:  # any import failure makes the backend unavailable
+                self.reason = f"{type(exc).__name__}: {exc}"
+        return self._module
+
+    @property
+    def available(self):
+        return self.load() is not None
+
+    def features(self):
+        module = self.load()
+        return module.features() if module is not None else {}
+
+
+BACKENDS = {
+    "numba": Backend("numba", "._numba_kernels"),
+    "c": Backend("c", "._c_kernels"),
+    "numpy": Backend("numpy", "._numpy_backend"),
+}
+
+
+def _check_name(name, source):
+    if name not in NAMES and name != "auto":
+        raise FastSCEValueError(
+            f"{source} must be one of 'auto', 'numba', 'c', 'numpy'; got {name!r}"
+        )
+    return name
+
+
+def _env_default():
+    raw = os.environ.get("FASTSCE_BACKEND", "").strip().lower()
+    if not raw:
+        return "auto"
+    if raw not in NAMES and raw != "auto":
+        warnings.warn(
+            f"FASTSCE_BACKEND={raw!r} is not one of auto, numba, c, numpy; using 'auto'",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return "auto"
+    return raw
+
+
+_ENV_DEFAULT = _env_default()
+_current = contextvars.ContextVar("fastsce_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager: calls in this block use backend `name` by default.
+
+    >>> with fastsce.use_backend("numba"):
+    ...     loss, grad = fastsce.sigmoid_cross_entropy(x, z)
+    """
+    token = _current.set(_check_name(name, "`use_backend(name)`"))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def default_name():
+    return _current.get() or _ENV_DEFAULT
+
+
+def resolve(name):
+    """The backend module for a `backend=` argument (None: the default)."""
+    if name is None:
+        name = default_name()
+    else:
+        if not isinstance(name, str):
+            raise FastSCEValueError(
+                f"`backend` must be one of 'auto', 'numba', 'c', 'numpy'; got {name!r}"
+            )
+        _check_name(name, "`backend`")
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            if BACKENDS[candidate].available:
+                return BACKENDS[candidate].load()
+    record = BACKENDS[name]
+    if not record.available:
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available on this machine: {record.reason}. "
+            f"Use backend='auto' or one of {[n for n in NAMES if BACKENDS[n].available]}; "
+            "fastsce.info() shows every backend's status."
+        )
+    return record.load()

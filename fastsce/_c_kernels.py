@@ -1,0 +1,101 @@
+"""C backend: the only module that touches the compiled cffi library.
+
+It turns a validated call into raw pointers, int64 shapes and strides and a
+params struct, runs the kernel (cffi releases the GIL during the call) and
+combines the block partials exactly as the Numba backend does.
+"""
+import numpy as np
+
+from . import _cffi_kernels
+from ._layout import BLOCK, SLOTS, make_plan
+from ._partials import combine
+
+ffi, lib = _cffi_kernels.ffi, _cffi_kernels.lib
+
+if lib.FASTSCE_BLOCK != BLOCK:  # one block size per language, and they must agree
+    raise ImportError(f"C kernels built with FASTSCE_BLOCK={lib.FASTSCE_BLOCK}, Python has {BLOCK}")
+
+_CODES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
+          np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16"}
+_CTYPES = {"f32": "float *", "f64": "double *", "u8": "uint8_t *", "u16": "uint16_t *"}
+
+
+def _ptr(plan, slot, code):
+    """Typed pointer to element (0, ..., 0) of a slot, or NULL."""
+    flat = plan.flats[slot]
+    if flat is None:
+        return ffi.NULL
+    buf = ffi.from_buffer(_CTYPES[code], flat, require_writable=slot in ("g", "l"))
+    return buf + int(plan.offsets[SLOTS.index(slot)])
+
+
+def _params(call):
+    p = ffi.new("fastsce_binary_params *")
+    p.scale = call.scale
+    p.eps = call.label_smoothing
+    p.has_ignore = call.ignore_value is not None
+    p.ignore = call.ignore_value or 0
+    p.from_logits = call.from_logits
+    p.divergence = call.divergence
+    p.num_threads = call.threads
+    return p
+
+
+def _partials(n_blocks):
+    return (np.zeros(n_blocks), np.zeros(n_blocks, np.int64),
+            np.zeros(n_blocks, np.int64), np.full(n_blocks, -1, np.int64))
+
+
+def _i64(a):
+    return ffi.from_buffer("int64_t *", a)
+
+
+def _f64(a):
+    return ffi.from_buffer("double *", a)
+
+
+def _check(status, what):
+    if status == lib.FASTSCE_ENOMEM:
+        raise MemoryError(
+            f"fastsce C kernel {what}: could not allocate per-thread scratch "
+            f"({7 * 8 * BLOCK} bytes per thread)"
+        )
+
+
+def binary(call):
+    x, t = _CODES[call.x.dtype], _CODES[call.z.dtype.newbyteorder("=")]
+    plan = make_plan(call.shape, {"x": call.x, "z": call.z, "w": call.w, "m": call.m,
+                                  "pw": call.pw, "g": call.grad, "l": call.loss_map})
+    parts = _partials(plan.n_blocks)
+    if plan.n_blocks:
+        gscale = np.full(plan.n_groups, call.gscale)
+        strides = np.ascontiguousarray(plan.strides)
+        fn = getattr(lib, f"fastsce_sigmoid_ce_{x}_{t}")
+        _check(fn(len(plan.shape), _i64(plan.shape), plan.group_size,
+                  _ptr(plan, "x", x), _ptr(plan, "z", t), _ptr(plan, "w", x),
+                  _ptr(plan, "m", "u8"), _ptr(plan, "pw", x), _i64(strides), _params(call),
+                  _f64(gscale), _ptr(plan, "g", x), _ptr(plan, "l", x),
+                  _f64(parts[0]), _i64(parts[1]), _i64(parts[2]), _i64(parts[3])),
+               "sigmoid_cross_entropy")
+    return combine(*parts)
+
+
+def count_valid(call):
+    t = _CODES[call.z.dtype.newbyteorder("=")]
+    plan = make_plan(call.shape, {"z": call.z, "m": call.m})
+    parts = _partials(plan.n_blocks)
+    if plan.n_blocks:
+        strides = np.ascontiguousarray(plan.strides)
+        fn = getattr(lib, f"fastsce_count_valid_{t}")
+        _check(fn(len(plan.shape), _i64(plan.shape), plan.group_size,
+                  _ptr(plan, "z", t), _ptr(plan, "m", "u8"), _i64(strides), _params(call),
+                  _i64(parts[1]), _i64(parts[2]), _i64(parts[3])), "count_valid")
+    return combine(*parts)
+
+
+def features():
+    return {
+        "openmp": bool(lib.FASTSCE_HAVE_OPENMP),
+        "build_flags": ffi.string(lib.FASTSCE_BUILD_FLAGS).decode(),
+        "vectorized_math": "inlined polynomial exp/log (no libm calls in the loops)",
+    }

@@ -1,0 +1,22 @@
+"""Exception types. Each argument error is also a ValueError or TypeError, so
+callers that catch the builtin types keep working."""
+
+
+class FastSCEError(Exception):
+    """Base class of every error fastsce raises on purpose."""
+
+
+class FastSCEValueError(FastSCEError, ValueError):
+    """An argument has the right type but a wrong value or shape."""
+
+
+class FastSCETypeError(FastSCEError, TypeError):
+    """An argument has an unsupported type or dtype."""
+
+
+class TargetRangeError(FastSCEValueError):
+    """Targets outside [0, 1] or NaN were found by the fused pass."""
+
+
+class BackendUnavailableError(FastSCEError, RuntimeError):
+    """The requested backend could not be loaded on this machine."""

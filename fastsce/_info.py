@@ -1,0 +1,37 @@
+"""`fastsce.info()`: every backend's status and every choice made, observable."""
+from . import _backends, _threads
+
+
+def info():
+    """What this machine offers: backends (and why one is missing), threads, OpenMP.
+
+    Returns
+    -------
+    dict
+        ``backends``: name -> {"available", "reason", "features"};
+        ``default_backend``: what "auto" resolves to; ``num_threads``: the
+        default thread count; ``openmp``: whether the C kernels were built
+        with OpenMP; ``numba_threading_layer``; ``vectorized_math``.
+    """
+    backends = {}
+    for name, record in _backends.BACKENDS.items():
+        backends[name] = {
+            "available": record.available,
+            "reason": record.reason,
+            "features": record.features(),
+        }
+    auto = next((n for n in _backends.AUTO_ORDER if backends[n]["available"]), None)
+    c = backends["c"]["features"]
+    nb = backends["numba"]["features"]
+    return {
+        "backends": backends,
+        "default_backend": _backends.default_name(),
+        "auto_resolves_to": auto,
+        "num_threads": _threads.resolve_threads(None),
+        "openmp": bool(c.get("openmp", False)),
+        "numba_threading_layer": nb.get("threading_layer"),
+        "vectorized_math": {
+            "c": c.get("vectorized_math"),
+            "numba": nb.get("vectorized_math"),
+        },
+    }

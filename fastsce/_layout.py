@@ -1,0 +1,138 @@
+"""Turn user arrays into the strided operands every kernel iterates over.
+
+Both fast backends walk one iteration shape in C order and see each operand
+as (flat, offset, element strides): `flat` is a 1-D view that starts at the
+operand's lowest address, so negative and zero strides need no copy, and a
+whole-array copy is never made for broadcasting. Dimensions that are
+contiguous in every operand are merged first, so a contiguous call is one
+long inner row. The flat order, the fixed BLOCK and the group size decide
+where every partial sum starts, so results never depend on the layout's
+coalescing or on the thread count.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._errors import FastSCEValueError
+
+#: Elements per reduction block (C: FASTSCE_BLOCK). Block boundaries are fixed
+#: by this number and the group size alone, never by the thread count.
+BLOCK = 16384
+
+#: Operand slots in the order every kernel takes them (inputs, then outputs).
+SLOTS = ("x", "z", "w", "m", "pw", "g", "l")
+
+
+@dataclass
+class Plan:
+    """The iteration every backend runs for one call."""
+
+    shape: np.ndarray        # int64[ndim], coalesced iteration shape
+    n: int                   # elements in the iteration
+    group_size: int          # elements per reduction group (n for a full reduction)
+    n_groups: int
+    n_blocks: int
+    flats: dict              # slot -> 1-D array from the operand's lowest address, or None
+    offsets: np.ndarray      # int64[len(SLOTS)], element offset of index (0, ..., 0)
+    strides: np.ndarray      # int64[len(SLOTS), ndim], element strides
+
+    def first_index(self, flat_index, full_shape):
+        """Multi-index in the caller's shape of the flat iteration index."""
+        return tuple(int(i) for i in np.unravel_index(flat_index, full_shape))
+
+
+def native(a):
+    """The array in native byte order (a copy only if it was byte-swapped)."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
+def _element_strides(a):
+    item = a.dtype.itemsize
+    if any(s % item for s in a.strides):
+        return None
+    return [s // item for s in a.strides]
+
+
+def _flat_view(a, strides):
+    """1-D view from the lowest address of `a` to its highest, and the offset of a[0,...,0]."""
+    lowest = sum((n - 1) * s for n, s in zip(a.shape, strides) if s < 0)
+    highest = sum((n - 1) * s for n, s in zip(a.shape, strides) if s > 0)
+    start = tuple(n - 1 if s < 0 else 0 for n, s in zip(a.shape, strides))
+    corner = a[tuple(slice(i, i + 1) for i in start)] if a.ndim else a.reshape(1)
+    flat = np.lib.stride_tricks.as_strided(
+        corner, shape=(highest - lowest + 1,), strides=(a.dtype.itemsize,),
+        writeable=a.flags.writeable,
+    )
+    return flat, -lowest
+
+
+def _coalesce(shape, strides):
+    """Merge neighbouring dims that are contiguous in every operand; drop size-1 dims."""
+    dims = [d for d in range(len(shape)) if shape[d] != 1]
+    out_shape, out_strides = [], [[] for _ in strides]
+    for d in dims:
+        if out_shape and all(st[-1] == s[d] * shape[d] for st, s in zip(out_strides, strides)):
+            out_shape[-1] *= shape[d]
+            for st, s in zip(out_strides, strides):
+                st[-1] = s[d]
+            continue
+        out_shape.append(shape[d])
+        for st, s in zip(out_strides, strides):
+            st.append(s[d])
+    if not out_shape:
+        out_shape = [1]
+        out_strides = [[0] for _ in strides]
+    return out_shape, out_strides
+
+
+def make_plan(shape, operands, group_size=None):
+    """Plan a C-order walk of `shape` over `operands` (slot -> array or None).
+
+    Every array must already broadcast to `shape`; inputs are broadcast here as
+    zero-stride views, outputs must have exactly `shape`.
+    """
+    shape = tuple(int(s) for s in shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    views = {}
+    for slot in SLOTS:
+        a = operands.get(slot)
+        if a is None:
+            continue
+        v = np.broadcast_to(a, shape) if a.shape != shape else a
+        if _element_strides(v) is None:
+            # A stride that is not a whole number of items (a field of a
+            # structured array): only such a view is copied.
+            v = np.ascontiguousarray(v)
+        views[slot] = v
+    present = list(views)
+    merged_shape, merged = _coalesce(shape, [_element_strides(views[s]) for s in present])
+    ndim = len(merged_shape)
+    strides = np.zeros((len(SLOTS), ndim), dtype=np.int64)
+    offsets = np.zeros(len(SLOTS), dtype=np.int64)
+    flats = dict.fromkeys(SLOTS)
+    for slot, st in zip(present, merged):
+        strides[SLOTS.index(slot)] = st
+        if n:
+            flats[slot], offsets[SLOTS.index(slot)] = _flat_view(views[slot], _element_strides(views[slot]))
+    if group_size is None:
+        group_size = n
+    n_groups = n // group_size if group_size else 0
+    per_group = -(-group_size // BLOCK) if group_size else 0
+    return Plan(
+        shape=np.asarray(merged_shape, dtype=np.int64), n=n, group_size=group_size,
+        n_groups=n_groups, n_blocks=n_groups * per_group,
+        flats=flats, offsets=offsets, strides=strides,
+    )
+
+
+def broadcast_operand(name, a, shape):
+    """Check that `a` broadcasts to `shape` without changing it."""
+    try:
+        b = np.broadcast_shapes(a.shape, shape)
+    except ValueError:
+        b = None
+    if b != tuple(shape):
+        raise FastSCEValueError(
+            f"`{name}` must broadcast to the shape of `logits`; got "
+            f"{name}.shape={a.shape} and logits.shape={tuple(shape)}"
+        )

@@ -1,0 +1,318 @@
+"""Numba backend: fused, parallel, blocked kernels (twin of csrc/sigmoid_ce.c).
+
+Design
+------
+* Fused: one pass reads x, targets (and weight, mask, pos_weight if given)
+  once and writes the gradient (and the loss map for "none") while summing
+  the loss.
+* Layout: every operand arrives as (flat 1-D array, offset, element strides)
+  over one C-order iteration shape (see `_layout`). The iteration is cut into
+  rows of the last dimension; a row's operands with unit stride are sliced
+  in place, the others are gathered into per-block scratch (and outputs
+  scattered back), so the inner `segment` loop always sees contiguous data
+  and vectorizes.
+* Blocks: each reduction group is cut into blocks of BLOCK elements; one
+  float64 partial per block, combined by the caller in a fixed order, so the
+  result does not depend on the thread count. Threads take whole blocks.
+* Specialization: absent operands are passed as None and pruned at compile
+  time; `from_logits` and `divergence` are baked into a kernel by `_kernel`.
+  Kernels are cached on disk (cache=True), so a second process does not
+  recompile.
+* Flags: only the kernels' own code carries `reassoc` (so the float64 sum
+  vectorizes) and `nsz`; the math helpers carry none (see `_numba_math`).
+* Trust: `_api` has checked dtypes, shapes, aliasing and option ranges.
+"""
+import functools
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from . import _numba_math as M
+from ._layout import BLOCK, make_plan
+from ._partials import combine
+from ._reference import DENOM_FLOOR, LOG_CLAMP
+
+_ACC = {"reassoc", "nsz"}
+_OPTS = dict(nogil=True, error_model="numpy")
+# Helpers say fastmath=False explicitly: a callee compiled from a fast-math
+# kernel would otherwise inherit its flags (and fold the rounding tricks).
+_EXACT = dict(_OPTS, fastmath=False)
+_MATH = {
+    np.float32: (M.exp_neg_f32, M.log1p_unit_f32, M.log_f32),
+    np.float64: (M.exp_neg_f64, M.log1p_unit_f64, M.log_f64),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _element(from_logits, divergence, ftype):
+    """Per-element (loss, dloss) of SPEC §1.1, before weight and mask."""
+    exp_neg, log1p_unit, log = _MATH[ftype]
+    F = ftype
+    zero, one = F(0.0), F(1.0)
+    clamp, floor = F(LOG_CLAMP), F(DENOM_FLOOR)
+
+    @njit(**_EXACT)
+    def xlogx(u):
+        return u * log(u) if u > zero else zero
+
+    @njit(**_EXACT)
+    def element(x, tf, sc, inv, keep, shift, a, w, gs):
+        """(w * loss, w * dloss * gs) for logit/probability x and raw target tf."""
+        z = tf * inv * keep + shift
+        zc = (sc - tf) * inv * keep + shift
+        az = a * z
+        if from_logits:
+            ax = abs(x)
+            e = exp_neg(-ax)
+            lp, inv = log1p_unit(e)
+            pos = x >= zero
+            coef = zc if pos else az
+            # coef*|x| is 0 when coef is, even for |x| = inf (SPEC §2).
+            lin = zero if coef == zero else coef * ax
+            loss = lp * (az + zc) + lin
+            dloss = ((zc - az * e) if pos else (zc * e - az)) * inv
+        else:
+            lc = log(x)
+            lc = clamp if lc < clamp else lc
+            l1c = log(one - x)
+            l1c = clamp if l1c < clamp else l1c
+            loss = -((zero if az == zero else az * lc) + (zero if zc == zero else zc * l1c))
+            den = x * (one - x)
+            den = floor if den < floor else den
+            dloss = (zc * x - az * (one - x)) / den
+        if divergence:
+            loss = loss + (xlogx(z) + xlogx(zc))
+        return loss * w, dloss * w * gs
+
+    return element
+
+
+@functools.lru_cache(maxsize=None)
+def _segment(from_logits, divergence, ftype):
+    """The contiguous inner loop: n elements of every present operand."""
+    element = _element(from_logits, divergence, ftype)
+    F = ftype
+    zero, one = F(0.0), F(1.0)
+
+    @njit(fastmath=_ACC, **_OPTS)
+    def segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs):
+        # Per-call constants, rounded to the compute type once (as in C).
+        sc = F(scale)
+        inv = F(1.0 / scale)
+        keep = F(1.0 - eps)
+        shift = F(eps * 0.5)
+        gsf = F(gs)
+        total = 0.0
+        count = 0
+        bad = 0
+        for i in range(n):
+            ti = t[i]
+            valid = True
+            if m is not None:
+                valid = m[i]
+            if ignore is not None:
+                valid = valid and ti != ignore
+            tf = F(ti)
+            bad += valid and not (tf >= zero and tf <= sc)
+            a = one if pw is None else pw[i]
+            wi = one if w is None else w[i]
+            loss, dloss = element(x[i], tf, sc, inv, keep, shift, a, wi, gsf)
+            loss = loss if valid else zero
+            total += np.float64(loss)
+            count += valid
+            if g is not None:
+                g[i] = dloss if valid else zero
+            if l is not None:
+                l[i] = loss
+        return total, count, bad
+
+    return segment
+
+
+@njit(**_OPTS)
+def _count_segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs):
+    """Count and check only (the pre-pass of a masked "mean" gradient)."""
+    count = 0
+    bad = 0
+    sc = np.float64(scale)
+    for i in range(n):
+        ti = t[i]
+        valid = True
+        if m is not None:
+            valid = m[i]
+        if ignore is not None:
+            valid = valid and ti != ignore
+        tf = np.float64(ti)
+        bad += valid and not (tf >= 0.0 and tf <= sc)
+        count += valid
+    return 0.0, count, bad
+
+
+@njit(**_OPTS)
+def _first_bad(t, m, n, scale, ignore):
+    """Index of the first counted target outside [0, scale] (rare path, scalar)."""
+    for i in range(n):
+        valid = True
+        if m is not None:
+            valid = m[i]
+        if ignore is not None:
+            valid = valid and t[i] != ignore
+        tf = np.float64(t[i])
+        if valid and not (tf >= 0.0 and tf <= scale):
+            return i
+    return -1
+
+
+@njit(**_OPTS)
+def _view(flat, off, stride, n, buf):
+    """The n elements of a row: an in-place slice if contiguous, else gathered."""
+    if stride == 1:
+        return flat[off:off + n]
+    for k in range(n):
+        buf[k] = flat[off + k * stride]
+    return buf[:n]
+
+
+@njit(**_OPTS)
+def _out(flat, off, stride, n, buf):
+    """Where a row's output goes: in place if contiguous, else scratch to scatter."""
+    if stride == 1:
+        return flat[off:off + n]
+    return buf[:n]
+
+
+@njit(**_OPTS)
+def _scatter(flat, off, stride, n, buf):
+    if stride != 1:
+        for k in range(n):
+            flat[off + k * stride] = buf[k]
+
+
+@functools.lru_cache(maxsize=None)
+def _driver(segment):
+    """The parallel blocked walk over a strided iteration, around `segment`."""
+
+    @njit(parallel=True, cache=True, **_OPTS)
+    def run(shape, group_size, x, t, w, m, pw, g, l, offsets, strides, scale, eps, ignore,
+            gscale, part_loss, part_count, part_bad, part_first):
+        ndim = shape.size
+        inner = shape[ndim - 1]
+        per_group = (group_size + BLOCK - 1) // BLOCK
+        # Scratch is needed only for operands whose rows are not contiguous.
+        gather = False
+        for s in range(strides.shape[0]):
+            gather = gather or strides[s, ndim - 1] != 1
+        size = BLOCK if gather else 0
+        for b in prange(part_loss.size):
+            grp = b // per_group
+            start = grp * group_size + (b - grp * per_group) * BLOCK
+            stop = min(start + BLOCK, (grp + 1) * group_size)
+            gs = gscale[grp]
+            tb = np.empty(size, t.dtype)
+            xb = None if x is None else np.empty(size, x.dtype)
+            wb = None if w is None else np.empty(size, w.dtype)
+            mb = None if m is None else np.empty(size, m.dtype)
+            pb = None if pw is None else np.empty(size, pw.dtype)
+            gb = None if g is None else np.empty(size, g.dtype)
+            lb = None if l is None else np.empty(size, l.dtype)
+            total = 0.0
+            count = 0
+            bad = 0
+            first = -1
+            i = start
+            while i < stop:
+                row = i // inner
+                col = i - row * inner
+                n = min(inner - col, stop - i)
+                off = offsets.copy()
+                for s in range(off.size):
+                    off[s] += col * strides[s, ndim - 1]
+                r = row
+                for d in range(ndim - 2, -1, -1):
+                    idx = r % shape[d]
+                    r //= shape[d]
+                    for s in range(off.size):
+                        off[s] += idx * strides[s, d]
+                tv = _view(t, off[1], strides[1, ndim - 1], n, tb)
+                xv = None if x is None else _view(x, off[0], strides[0, ndim - 1], n, xb)
+                wv = None if w is None else _view(w, off[2], strides[2, ndim - 1], n, wb)
+                mv = None if m is None else _view(m, off[3], strides[3, ndim - 1], n, mb)
+                pv = None if pw is None else _view(pw, off[4], strides[4, ndim - 1], n, pb)
+                gv = None if g is None else _out(g, off[5], strides[5, ndim - 1], n, gb)
+                lv = None if l is None else _out(l, off[6], strides[6, ndim - 1], n, lb)
+                s_loss, s_count, s_bad = segment(xv, tv, wv, mv, pv, gv, lv, n, scale, eps,
+                                                 ignore, gs)
+                if g is not None:
+                    _scatter(g, off[5], strides[5, ndim - 1], n, gb)
+                if l is not None:
+                    _scatter(l, off[6], strides[6, ndim - 1], n, lb)
+                if s_bad and first < 0:
+                    first = i + _first_bad(tv, mv, n, scale, ignore)
+                total += s_loss
+                count += s_count
+                bad += s_bad
+                i += n
+            part_loss[b] = total
+            part_count[b] = count
+            part_bad[b] = bad
+            part_first[b] = first
+
+    return run
+
+
+def _launch(run, call, x, g, l):
+    plan = make_plan(call.shape, {"x": x, "z": call.z, "w": call.w, "m": call.m,
+                                  "pw": call.pw, "g": g, "l": l})
+    nb = plan.n_blocks
+    part_loss = np.zeros(nb)
+    part_count = np.zeros(nb, np.int64)
+    part_bad = np.zeros(nb, np.int64)
+    part_first = np.full(nb, -1, np.int64)
+    if nb:
+        f = plan.flats
+        ignore = None if call.ignore_value is None else call.z.dtype.type(call.ignore_value)
+        gscale = np.full(plan.n_groups, call.gscale, dtype=np.float64)
+        with _threads(call.threads):
+            run(plan.shape, plan.group_size, f["x"], f["z"], f["w"],
+                None if f["m"] is None else f["m"], f["pw"], f["g"], f["l"],
+                plan.offsets, plan.strides, float(call.scale), float(call.label_smoothing),
+                ignore, gscale, part_loss, part_count, part_bad, part_first)
+    return combine(part_loss, part_count, part_bad, part_first)
+
+
+class _threads:
+    """Set Numba's (thread-local) thread count for one call, then restore it."""
+
+    def __init__(self, n):
+        self.n = min(n, numba.config.NUMBA_NUM_THREADS)
+
+    def __enter__(self):
+        self.saved = numba.get_num_threads()
+        numba.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        numba.set_num_threads(self.saved)
+
+
+def binary(call):
+    ftype = call.x.dtype.type
+    run = _driver(_segment(call.from_logits, call.divergence, ftype))
+    return _launch(run, call, call.x, call.grad, call.loss_map)
+
+
+def count_valid(call):
+    return _launch(_driver(_count_segment), call, None, None, None)
+
+
+def features():
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        layer = numba.config.THREADING_LAYER
+    return {
+        "version": numba.__version__,
+        "threading_layer": layer,
+        "max_threads": numba.config.NUMBA_NUM_THREADS,
+        "vectorized_math": "inlined polynomial exp/log (Numba has no SVML here)",
+    }

@@ -1,0 +1,116 @@
+"""The float64 NumPy reference: the executable form of SPEC §1.
+
+Plain, whole-array NumPy, written for clarity, not speed: it allocates
+full-size temporaries. Every fast backend is tested against it, and it is the
+"numpy" backend. It takes the validated call record built by `_api`.
+"""
+import numpy as np
+
+#: PyTorch BCELoss's clamps for probability inputs (SPEC §1.1).
+LOG_CLAMP = -100.0
+DENOM_FLOOR = 1e-12
+
+
+def clog(u):
+    """log(u) clamped below at -100, as PyTorch's BCELoss does."""
+    return np.maximum(np.log(u), LOG_CLAMP)
+
+
+def xlogx(u):
+    """u*log(u) with 0 log 0 = 0."""
+    return np.where(u > 0, u * np.log(np.where(u > 0, u, 1.0)), 0.0)
+
+
+def _times(coef, value):
+    """coef*value, but 0 where coef == 0 even if value is infinite (SPEC §2)."""
+    return np.where(coef == 0, 0.0, coef * value)
+
+
+def soft_targets(call):
+    """(z, 1-z) in float64 from raw targets, scaled and smoothed.
+
+    1-z is taken as (scale - t)/scale so integer codes near the top of the
+    scale keep full precision.
+    """
+    t = np.asarray(call.z, dtype=np.float64)
+    z, zc = t / call.scale, (call.scale - t) / call.scale
+    eps = call.label_smoothing
+    if eps:
+        z, zc = z * (1 - eps) + eps / 2, zc * (1 - eps) + eps / 2
+    return t, z, zc
+
+
+def valid_mask(call, t):
+    """True where an element counts: the mask, minus ignored target codes."""
+    valid = np.ones(call.shape, dtype=bool)
+    if call.m is not None:
+        valid = valid & call.m
+    if call.ignore_value is not None:
+        valid = valid & (t != call.ignore_value)
+    return np.broadcast_to(valid, call.shape)
+
+
+def binary_elementwise(call):
+    """Per-element loss and d loss / d input (before weight, mask and scaling)."""
+    x = np.asarray(call.x, dtype=np.float64)
+    t, z, zc = soft_targets(call)
+    a = 1.0 if call.pw is None else np.asarray(call.pw, dtype=np.float64)
+    az = a * z
+    with np.errstate(all="ignore"):
+        if call.from_logits:
+            # e = exp(-|x|): loss = log1p(e)*(a z + 1-z) + |x|*(1-z or a z),
+            # a sum of non-negative terms, so it keeps full relative precision.
+            e = np.exp(-np.abs(x))
+            pos = x >= 0
+            loss = np.log1p(e) * (az + zc) + _times(np.where(pos, zc, az), np.abs(x))
+            dloss = np.where(pos, zc - az * e, zc * e - az) / (1 + e)
+        else:
+            loss = -(_times(az, clog(x)) + _times(zc, clog(1 - x)))
+            dloss = (zc * x - az * (1 - x)) / np.maximum(x * (1 - x), DENOM_FLOOR)
+        if call.divergence:
+            loss = loss + xlogx(z) + xlogx(zc)
+    return t, loss, dloss
+
+
+def _bad_targets(call, t, valid):
+    """Counted elements whose target is outside [0, 1] or NaN, as flat indices."""
+    raw = t / call.scale
+    return np.flatnonzero(np.broadcast_to(valid & ~((raw >= 0) & (raw <= 1)), call.shape))
+
+
+def binary(call):
+    """Run one binary call: fills call.grad / call.loss_map, returns totals."""
+    t, loss, dloss = binary_elementwise(call)
+    valid = valid_mask(call, t)
+    flat_bad = _bad_targets(call, t, valid)
+    w = 1.0 if call.w is None else np.asarray(call.w, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        wloss = np.where(valid, w * loss, 0.0)
+        if call.grad is not None:
+            call.grad[...] = np.where(valid, dloss * (w * call.gscale), 0.0)
+    if call.loss_map is not None:
+        call.loss_map[...] = wloss
+    return Totals(
+        loss=float(np.sum(wloss)),
+        count=int(np.count_nonzero(valid)),
+        bad=int(flat_bad.size),
+        first_bad=int(flat_bad[0]) if flat_bad.size else -1,
+    )
+
+
+def count_valid(call):
+    """Count and check without computing the loss (the pre-pass of `_api`)."""
+    t = np.asarray(call.z, dtype=np.float64)
+    valid = valid_mask(call, t)
+    flat_bad = _bad_targets(call, t, valid)
+    return Totals(0.0, int(np.count_nonzero(valid)), int(flat_bad.size),
+                  int(flat_bad[0]) if flat_bad.size else -1)
+
+
+class Totals:
+    """What a backend returns besides the arrays it writes."""
+
+    __slots__ = ("loss", "count", "bad", "first_bad")
+
+    def __init__(self, loss, count, bad, first_bad):
+        self.loss, self.count, self.bad, self.first_bad = loss, count, bad, first_bad
