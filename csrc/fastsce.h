@@ -32,6 +32,7 @@ typedef struct {
 
 extern const int FASTSCE_HAVE_OPENMP;
 extern const char FASTSCE_BUILD_FLAGS[];
+const char *fastsce_cpu_path(void);   /* which clone of the loops this CPU runs */
 
 int fastsce_sigmoid_ce_f32_f32(int ndim, const int64_t *shape, int64_t group_size, const float *x, const float *t, const float *w, const uint8_t *m, const float *pw, const int64_t *strides, const fastsce_binary_params *p, const double *gscale, float *g, float *l, double *part_loss, int64_t *part_count, int64_t *part_bad, int64_t *part_first);
 int fastsce_sigmoid_ce_f32_f64(int ndim, const int64_t *shape, int64_t group_size, const float *x, const double *t, const float *w, const uint8_t *m, const float *pw, const int64_t *strides, const fastsce_binary_params *p, const double *gscale, float *g, float *l, double *part_loss, int64_t *part_count, int64_t *part_bad, int64_t *part_first);

@@ -97,5 +97,6 @@ def features():
     return {
         "openmp": bool(lib.FASTSCE_HAVE_OPENMP),
         "build_flags": ffi.string(lib.FASTSCE_BUILD_FLAGS).decode(),
+        "cpu_path": ffi.string(lib.fastsce_cpu_path()).decode(),
         "vectorized_math": "inlined polynomial exp/log (no libm calls in the loops)",
     }
