@@ -51,13 +51,14 @@ static inline float log_reduced_f32(float f, float k)
     return s * (hfsq + r) + k * 9.0580006145e-06f - hfsq + f + k * 6.9313812256e-01f;
 }
 
-/* log1p(e) for e in [0, 1] (and NaN); *inv = 1 / (1 + e). */
+/* log1p(e) for e in [-0.5, 1] (and NaN); *inv = 1 / (1 + e). */
 static inline float log1p_unit_f32(float e, float *inv)
 {
     float u = 1.0f + e;
     int big = u > 1.41421356237f;
-    float f = big ? u * 0.5f - 1.0f : u - 1.0f;
-    float k = big ? 1.0f : 0.0f;
+    int small = u < 0.707106781187f;
+    float f = big ? u * 0.5f - 1.0f : (small ? u * 2.0f - 1.0f : u - 1.0f);
+    float k = big ? 1.0f : (small ? -1.0f : 0.0f);
     *inv = 1.0f / u;
     /* u = 1 + e rounded; (e - (u - 1)) / u restores what the rounding lost. */
     return log_reduced_f32(f, k) + (e - (u - 1.0f)) * *inv;
@@ -118,8 +119,9 @@ static inline double log1p_unit_f64(double e, double *inv)
 {
     double u = 1.0 + e;
     int big = u > 1.4142135623730951;
-    double f = big ? u * 0.5 - 1.0 : u - 1.0;
-    double k = big ? 1.0 : 0.0;
+    int small = u < 0.7071067811865476;
+    double f = big ? u * 0.5 - 1.0 : (small ? u * 2.0 - 1.0 : u - 1.0);
+    double k = big ? 1.0 : (small ? -1.0 : 0.0);
     *inv = 1.0 / u;
     return log_reduced_f64(f, k) + (e - (u - 1.0)) * *inv;
 }

@@ -77,7 +77,15 @@ typedef seg_sums (*segment_fn)(const seg_args *);
 /* (w * loss, w * dloss * gs) of SPEC §1.1 for raw target tf; same operations
  * in the same order as `element` in _numba_kernels.py. */
 #define DEFINE_ELEMENT(XN, X)                                                          \
-ALWAYS_INLINE X xlogx_##XN(X u) { return u > (X)0 ? u * log_##XN(u) : (X)0; }          \
+/* z log z + zc log zc; the larger one's log is log1p(-smaller) (as Numba). */  \
+ALWAYS_INLINE X neg_entropy_##XN(X z, X zc)                                            \
+{                                                                                      \
+    X iu;                                                                              \
+    int small = z <= (X)0.5;                                                           \
+    X lz = small ? log_##XN(z) : log1p_unit_##XN(-zc, &iu);                            \
+    X lzc = small ? log1p_unit_##XN(-z, &iu) : log_##XN(zc);                           \
+    return (z > (X)0 ? z * lz : (X)0) + (zc > (X)0 ? zc * lzc : (X)0);                 \
+}                                                                                      \
 ALWAYS_INLINE X element_##XN(X x, X tf, X sc, X inv, X keep, X shift, X a, X w, X gs,   \
                              int from_logits, int divergence, X *grad)                 \
 {                                                                                      \
@@ -96,7 +104,8 @@ ALWAYS_INLINE X element_##XN(X x, X tf, X sc, X inv, X keep, X shift, X a, X w, 
     } else {                                                                           \
         X lc = log_##XN(x);                                                            \
         lc = lc < (X)-100 ? (X)-100 : lc;                                              \
-        X l1c = log_##XN((X)1 - x);                                                    \
+        X iu; /* log(1 - x) as log1p(-x) where 1 - x would round away x's bits */      \
+        X l1c = x <= (X)0.5 ? log1p_unit_##XN(-x, &iu) : log_##XN((X)1 - x);           \
         l1c = l1c < (X)-100 ? (X)-100 : l1c;                                           \
         loss = -((az == (X)0 ? (X)0 : az * lc) + (zc == (X)0 ? (X)0 : zc * l1c));       \
         X den = x * ((X)1 - x);                                                        \
@@ -104,7 +113,7 @@ ALWAYS_INLINE X element_##XN(X x, X tf, X sc, X inv, X keep, X shift, X a, X w, 
         dloss = (zc * x - az * ((X)1 - x)) / den;                                      \
     }                                                                                  \
     if (divergence)                                                                    \
-        loss = loss + (xlogx_##XN(z) + xlogx_##XN(zc));                                \
+        loss = loss + neg_entropy_##XN(z, zc);                                         \
     *grad = dloss * w * gs;                                                            \
     return loss * w;                                                                   \
 }

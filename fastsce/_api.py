@@ -66,25 +66,27 @@ def _real(name, value, lo=-math.inf, hi=math.inf):
 
 def _logits(logits):
     x = np.asarray(logits)
-    if x.dtype not in _FLOATS:
+    if x.dtype.newbyteorder("=") not in _FLOATS:
         raise FastSCETypeError(
             f"`logits` must be float16, float32 or float64; got dtype {x.dtype}. "
             "Convert with logits.astype(np.float32)."
         )
     # float16 is read as float32 (SPEC §2); byte-swapped input is made native.
-    compute = np.dtype(np.float32) if x.dtype == np.float16 else x.dtype.newbyteorder("=")
-    return x, _layout.native(x.astype(compute) if x.dtype == np.float16 else x), compute
+    native = x.dtype.newbyteorder("=")
+    compute = np.dtype(np.float32) if native == np.float16 else native
+    return x, _layout.native(x.astype(compute) if native == np.float16 else x), compute
 
 
 def _targets(targets, shape):
     t = np.asarray(targets)
-    if t.dtype not in _FLOATS and t.dtype.newbyteorder("=") not in _INT_TARGETS:
+    native = t.dtype.newbyteorder("=")
+    if native not in _FLOATS and native not in _INT_TARGETS:
         raise FastSCETypeError(
             "`targets` must be float16/32/64 probabilities or uint8/uint16 codes "
             f"(probability times target_scale); got dtype {t.dtype}"
         )
     _layout.broadcast_operand("targets", t, shape)
-    return _layout.native(t.astype(np.float32) if t.dtype == np.float16 else t)
+    return _layout.native(t.astype(np.float32) if native == np.float16 else t)
 
 
 def _weight_like(name, value, shape, compute):
@@ -278,7 +280,8 @@ def sigmoid_cross_entropy(
     m = _mask(mask, shape)
     inputs = [("logits", raw_x), ("targets", np.asarray(targets)), ("weight", weight),
               ("mask", mask), ("pos_weight", pos_weight)]
-    grad_dtypes = (raw_x.dtype, compute) if raw_x.dtype == np.float16 else (raw_x.dtype,)
+    grad_dtypes = (np.dtype(np.float16), compute) if compute != raw_x.dtype.newbyteorder("=") \
+        else (compute,)
     if out is not None:
         if not want_grad:
             raise FastSCEValueError("`out` was given but grad=False; drop one of them")
@@ -296,7 +299,7 @@ def sigmoid_cross_entropy(
         check=check, threads=threads,
     )
     in_place = out is not None and _same_view(out, raw_x)
-    out_dtype = raw_x.dtype if raw_x.dtype == np.float16 else compute
+    out_dtype = np.dtype(np.float16) if raw_x.dtype.newbyteorder("=") == np.float16 else compute
     return _run_binary(impl, call, reduction, want_grad, gs, out, loss_out, compute, out_dtype, in_place)
 
 

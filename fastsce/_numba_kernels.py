@@ -49,12 +49,16 @@ def _element(from_logits, divergence, ftype):
     """Per-element (loss, dloss) of SPEC §1.1, before weight and mask."""
     exp_neg, log1p_unit, log = _MATH[ftype]
     F = ftype
-    zero, one = F(0.0), F(1.0)
+    zero, half, one = F(0.0), F(0.5), F(1.0)
     clamp, floor = F(LOG_CLAMP), F(DENOM_FLOOR)
 
     @njit(**_EXACT)
-    def xlogx(u):
-        return u * log(u) if u > zero else zero
+    def neg_entropy(z, zc):
+        """z log z + zc log zc; the larger one's log is log1p(-smaller) (as C)."""
+        small = z <= half
+        lz = log(z) if small else log1p_unit(-zc)[0]
+        lzc = log1p_unit(-z)[0] if small else log(zc)
+        return (z * lz if z > zero else zero) + (zc * lzc if zc > zero else zero)
 
     @njit(**_EXACT)
     def element(x, tf, sc, inv, keep, shift, a, w, gs):
@@ -75,14 +79,15 @@ def _element(from_logits, divergence, ftype):
         else:
             lc = log(x)
             lc = clamp if lc < clamp else lc
-            l1c = log(one - x)
+            # log(1 - x) as log1p(-x) where 1 - x would round away x's bits.
+            l1c = log1p_unit(-x)[0] if x <= half else log(one - x)
             l1c = clamp if l1c < clamp else l1c
             loss = -((zero if az == zero else az * lc) + (zero if zc == zero else zc * l1c))
             den = x * (one - x)
             den = floor if den < floor else den
             dloss = (zc * x - az * (one - x)) / den
         if divergence:
-            loss = loss + (xlogx(z) + xlogx(zc))
+            loss = loss + neg_entropy(z, zc)
         return loss * w, dloss * w * gs
 
     return element

@@ -50,6 +50,7 @@ _L32_LG = tuple(F32(c) for c in (0.66666662693, 0.40000972152, 0.28498786688, 0.
 _L32_LN2HI = F32(6.9313812256e-01)
 _L32_LN2LO = F32(9.0580006145e-06)
 _SQRT2_32 = F32(1.41421356237)
+_RSQRT2_32 = F32(0.707106781187)
 _RINT32 = F32(12582912.0)                  # 1.5 * 2^23: adding it rounds to an integer
 
 
@@ -85,11 +86,12 @@ def log_reduced_f32(f, k):
 
 @njit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
 def log1p_unit_f32(e):
-    """(log1p(e), 1/(1+e)) for e in [0, 1] (and NaN)."""
+    """(log1p(e), 1/(1+e)) for e in [-0.5, 1] (and NaN)."""
     u = F32(1.0) + e
     big = u > _SQRT2_32
-    f = u * F32(0.5) - F32(1.0) if big else u - F32(1.0)
-    k = F32(1.0) if big else F32(0.0)
+    small = u < _RSQRT2_32
+    f = u * F32(0.5) - F32(1.0) if big else (u * F32(2.0) - F32(1.0) if small else u - F32(1.0))
+    k = F32(1.0) if big else (F32(-1.0) if small else F32(0.0))
     inv = F32(1.0) / u
     # u = 1 + e rounded; (e - (u - 1)) / u restores what the rounding lost.
     return log_reduced_f32(f, k) + (e - (u - F32(1.0))) * inv, inv
@@ -122,6 +124,7 @@ _L64_LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239
            2.222219843214978396e-01, 1.818357216161805012e-01, 1.531383769920937332e-01,
            1.479819860511658591e-01)
 _SQRT2_64 = 1.4142135623730951
+_RSQRT2_64 = 0.7071067811865476
 _RINT64 = 6755399441055744.0                # 1.5 * 2^52
 
 
@@ -158,11 +161,12 @@ def log_reduced_f64(f, k):
 
 @njit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
 def log1p_unit_f64(e):
-    """(log1p(e), 1/(1+e)) for e in [0, 1] (and NaN)."""
+    """(log1p(e), 1/(1+e)) for e in [-0.5, 1] (and NaN)."""
     u = 1.0 + e
     big = u > _SQRT2_64
-    f = u * 0.5 - 1.0 if big else u - 1.0
-    k = 1.0 if big else 0.0
+    small = u < _RSQRT2_64
+    f = u * 0.5 - 1.0 if big else (u * 2.0 - 1.0 if small else u - 1.0)
+    k = 1.0 if big else (-1.0 if small else 0.0)
     inv = 1.0 / u
     return log_reduced_f64(f, k) + (e - (u - 1.0)) * inv, inv
 

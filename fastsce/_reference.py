@@ -16,9 +16,21 @@ def clog(u):
     return np.maximum(np.log(u), LOG_CLAMP)
 
 
-def xlogx(u):
-    """u*log(u) with 0 log 0 = 0."""
-    return np.where(u > 0, u * np.log(np.where(u > 0, u, 1.0)), 0.0)
+def clog1m(c):
+    """log(1 - c) clamped at -100; log1p(-c) where 1 - c would round (c <= 1/2)."""
+    return np.maximum(np.where(c <= 0.5, np.log1p(-np.minimum(c, 0.5)), np.log(1 - c)), LOG_CLAMP)
+
+
+def neg_entropy(z, zc):
+    """z log z + (1-z) log(1-z), with 0 log 0 = 0.
+
+    The log of the larger of z, 1-z is taken as log1p(-smaller), so a target
+    near 0 or 1 does not lose its low bits to the rounding of 1 - z.
+    """
+    small = z <= 0.5
+    lz = np.where(small, np.log(np.where(z > 0, z, 1.0)), np.log1p(-zc))
+    lzc = np.where(small, np.log1p(-z), np.log(np.where(zc > 0, zc, 1.0)))
+    return np.where(z > 0, z * lz, 0.0) + np.where(zc > 0, zc * lzc, 0.0)
 
 
 def _times(coef, value):
@@ -65,10 +77,10 @@ def binary_elementwise(call):
             loss = np.log1p(e) * (az + zc) + _times(np.where(pos, zc, az), np.abs(x))
             dloss = np.where(pos, zc - az * e, zc * e - az) / (1 + e)
         else:
-            loss = -(_times(az, clog(x)) + _times(zc, clog(1 - x)))
+            loss = -(_times(az, clog(x)) + _times(zc, clog1m(x)))
             dloss = (zc * x - az * (1 - x)) / np.maximum(x * (1 - x), DENOM_FLOOR)
         if call.divergence:
-            loss = loss + xlogx(z) + xlogx(zc)
+            loss = loss + neg_entropy(z, zc)
     return t, loss, dloss
 
 
@@ -84,14 +96,17 @@ def binary(call):
     valid = valid_mask(call, t)
     flat_bad = _bad_targets(call, t, valid)
     w = 1.0 if call.w is None else np.asarray(call.w, dtype=np.float64)
+    # inf and NaN are legitimate values here (SPEC §2), and so is a float32
+    # result that overflows: no warnings.
     with np.errstate(all="ignore"):
         wloss = np.where(valid, w * loss, 0.0)
         if call.grad is not None:
             call.grad[...] = np.where(valid, dloss * (w * call.gscale), 0.0)
-    if call.loss_map is not None:
-        call.loss_map[...] = wloss
+        if call.loss_map is not None:
+            call.loss_map[...] = wloss
+        total = float(np.sum(wloss))
     return Totals(
-        loss=float(np.sum(wloss)),
+        loss=total,
         count=int(np.count_nonzero(valid)),
         bad=int(flat_bad.size),
         first_bad=int(flat_bad[0]) if flat_bad.size else -1,
