@@ -3,7 +3,7 @@
 One public function per loss; every backend (Numba, C, the NumPy float64
 reference) sits behind it. See ``info()`` for what this machine offers.
 """
-from ._api import LossResult, sigmoid_cross_entropy
+from ._api import LossResult, sigmoid_cross_entropy, softmax_cross_entropy
 from ._backends import use_backend
 from ._errors import (
     BackendUnavailableError,
@@ -27,5 +27,6 @@ __all__ = [
     "TargetRangeError",
     "info",
     "sigmoid_cross_entropy",
+    "softmax_cross_entropy",
     "use_backend",
 ]

@@ -48,6 +48,32 @@ class BinaryCall:
     gscale: float = 1.0      # multiplies every gradient element
 
 
+@dataclass
+class SoftmaxCall:
+    """A validated softmax call. `shape` is the pixel shape (logits without the
+    class axis); x, z (soft), grad have the class axis at `axis`."""
+
+    shape: tuple
+    x: np.ndarray
+    axis: int
+    classes: int
+    z: np.ndarray
+    hard: bool               # z holds int64 class indices of the pixel shape
+    w: object
+    m: object
+    cw: object
+    from_logits: bool
+    divergence: bool
+    label_smoothing: float
+    scale: float
+    ignore_value: object
+    check: bool
+    threads: int
+    grad: object = None
+    loss_map: object = None
+    gscale: float = 1.0
+
+
 def _flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise FastSCETypeError(f"`{name}` must be True or False; got {value!r}")
@@ -89,14 +115,14 @@ def _targets(targets, shape):
     return _layout.native(t.astype(np.float32) if native == np.float16 else t)
 
 
-def _weight_like(name, value, shape, compute):
+def _weight_like(name, value, shape, compute, what="the shape of `logits`"):
     """A non-negative weight array broadcastable to `shape`, in the compute dtype."""
     if value is None:
         return None
     a = np.asarray(value)
-    if a.dtype.kind not in "fiub" or a.dtype.kind == "b" and name != "mask":
+    if a.dtype.kind not in "fiu":
         raise FastSCETypeError(f"`{name}` must be a real number or array; got dtype {a.dtype}")
-    _layout.broadcast_operand(name, a, shape)
+    _layout.broadcast_operand(name, a, shape, what)
     a = _layout.native(a.astype(compute, copy=False))
     if a.size and not np.min(a) >= 0:
         raise FastSCEValueError(
@@ -105,7 +131,7 @@ def _weight_like(name, value, shape, compute):
     return a
 
 
-def _mask(mask, shape):
+def _mask(mask, shape, what="the shape of `logits`"):
     if mask is None:
         return None
     m = np.asarray(mask)
@@ -114,17 +140,16 @@ def _mask(mask, shape):
             f"`mask` must be a boolean array (True = counted); got dtype {m.dtype}. "
             "Pass mask != 0 for a numeric mask."
         )
-    _layout.broadcast_operand("mask", m, shape)
+    _layout.broadcast_operand("mask", m, shape, what)
     return m
 
 
-def _check_output(name, buf, shape, dtypes, inputs):
+def _check_output(name, buf, shape, dtypes, inputs, what="the shape of `logits`"):
     if not isinstance(buf, np.ndarray):
         raise FastSCETypeError(f"`{name}` must be a numpy array; got {type(buf).__name__}")
     if buf.shape != tuple(shape):
         raise FastSCEValueError(
-            f"`{name}` must have the shape of `logits`; got {name}.shape={buf.shape} "
-            f"and logits.shape={tuple(shape)}"
+            f"`{name}` must have {what} {tuple(shape)}; got {name}.shape={buf.shape}"
         )
     if buf.dtype not in dtypes:
         raise FastSCETypeError(
@@ -300,7 +325,8 @@ def sigmoid_cross_entropy(
     )
     in_place = out is not None and _same_view(out, raw_x)
     out_dtype = np.dtype(np.float16) if raw_x.dtype.newbyteorder("=") == np.float16 else compute
-    return _run_binary(impl, call, reduction, want_grad, gs, out, loss_out, compute, out_dtype, in_place)
+    return _run(impl, impl.binary, call, reduction, want_grad, gs, out, loss_out, compute,
+                out_dtype, in_place, shape, lambda impl, c: impl.count_valid(c))
 
 
 def _buffer(given, shape, compute):
@@ -310,40 +336,47 @@ def _buffer(given, shape, compute):
     return np.empty(shape, dtype=compute)
 
 
-def _raise_targets(call, totals, wrote):
+def _raise_targets(call, totals, wrote, what="index"):
     index = np.unravel_index(totals.first_bad, call.shape) if call.shape else ()
+    if getattr(call, "hard", False):
+        expected = f"class indices in [0, {call.classes - 1}]"
+    else:
+        expected = (f"probabilities in [0, 1] (after dividing by "
+                    f"target_scale={call.scale:g})")
     raise TargetRangeError(
-        f"`targets` must be probabilities in [0, 1]; found {totals.bad} value(s) outside "
-        f"[0, 1] or NaN (after dividing by target_scale={call.scale:g}), the first at "
-        f"index {tuple(int(i) for i in index)}. Fix the targets, mask them out, or pass "
-        f"check=False." + (" `out`/`loss_out` may hold partial results." if wrote else "")
+        f"`targets` must be {expected}; found {totals.bad} value(s) outside that range "
+        f"or NaN, the first at {what} {tuple(int(i) for i in index)}. Fix the targets, "
+        "mask them out, or pass check=False."
+        + (" `out`/`loss_out` may hold partial results." if wrote else "")
     )
 
 
-def _run_binary(impl, call, reduction, want_grad, grad_scale, out, loss_out, compute, out_dtype, in_place):
-    n = int(np.prod(call.shape, dtype=np.int64))
+def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, compute,
+         out_dtype, in_place, grad_shape, precount, what="index"):
+    """Shared tail of every loss: pre-pass if needed, kernel, checks, results."""
     masked = call.m is not None or call.ignore_value is not None
-    count = n
+    count = int(np.prod(call.shape, dtype=np.int64))
     if (want_grad and reduction == "mean" and masked) or (in_place and call.check):
         # The "mean" gradient needs the count before it is written; an in-place
         # gradient needs the targets checked before the logits are overwritten.
-        pre = impl.count_valid(call)
+        pre = precount(impl, call)
         if call.check and pre.bad:
-            _raise_targets(call, pre, wrote=False)
+            _raise_targets(call, pre, wrote=False, what=what)
         count = pre.count
     if want_grad:
-        call.grad = _buffer(out, call.shape, compute)
-        call.gscale = grad_scale / count if reduction == "mean" and count else (
-            0.0 if reduction == "mean" else grad_scale)
+        call.grad = _buffer(out, grad_shape, compute)
+        if reduction == "mean":
+            call.gscale = grad_scale / count if count else 0.0
+        else:
+            call.gscale = grad_scale
     if reduction == "none":
         call.loss_map = _buffer(loss_out, call.shape, compute)
-    totals = impl.binary(call)
+    totals = kernel(call)
     if call.check and totals.bad:
-        _raise_targets(call, totals, wrote=want_grad or reduction == "none")
-    result_dtype = out_dtype
-    gradient = _deliver(call.grad, out, result_dtype) if want_grad else None
+        _raise_targets(call, totals, wrote=want_grad or reduction == "none", what=what)
+    gradient = _deliver(call.grad, out, out_dtype) if want_grad else None
     if reduction == "none":
-        return LossResult(_deliver(call.loss_map, loss_out, result_dtype), gradient)
+        return LossResult(_deliver(call.loss_map, loss_out, out_dtype), gradient)
     if reduction == "sum":
         return LossResult(totals.loss, gradient)
     return LossResult(totals.loss / totals.count if totals.count else math.nan, gradient)
@@ -356,3 +389,186 @@ def _deliver(buf, given, dtype):
             given[...] = buf
         return given
     return buf if buf.dtype == dtype else buf.astype(dtype)
+
+
+_LABEL_KINDS = "iu"
+
+
+def softmax_cross_entropy(
+    logits, targets, *, axis=1, class_weights=None, weight=None, mask=None,
+    ignore_value=None, label_smoothing=0.0, divergence=False, from_logits=True,
+    target_scale=None, reduction="mean", grad=True, grad_scale=1.0, out=None,
+    loss_out=None, check=True, backend=None, num_threads=None,
+):
+    r"""Multiclass (softmax) cross-entropy with soft targets over a class axis, fused.
+
+    Parameters
+    ----------
+    logits : ndarray of float16, float32 or float64, shape (..., C, ...)
+        Logits ``x`` with the classes along ``axis`` (or probabilities with
+        ``from_logits=False``). Any layout: NCHW, NHWC, strided; never transposed.
+    targets : ndarray
+        Soft targets of the logits' shape (float16/32/64, or uint8/uint16 codes
+        divided by ``target_scale``), a distribution per pixel (not required
+        to sum to 1); or integer class indices of the shape without the class
+        axis (hard labels, meaning one-hot; copied to int64 if of another dtype).
+    axis : int
+        The class axis (default 1: N, C, H, W; -1 for channels-last).
+    class_weights : array of shape (C,), optional
+        Non-negative weight ``w_k`` of each class.
+    weight, mask : arrays broadcastable to the pixel shape (logits without the class axis)
+        Per-pixel weight; False in ``mask`` excludes a pixel (loss 0, gradient 0,
+        not counted).
+    ignore_value : int, optional
+        With integer class indices: pixels with this label are excluded.
+    label_smoothing : float in [0, 1]
+        ``z' = z (1 - eps) + eps / C``.
+    divergence : bool
+        Return the KL divergence: adds ``sum_k w_k z_k log z_k`` (the target's
+        own negative entropy, class-weighted) so a perfect prediction scores 0.
+    from_logits : bool
+        False: inputs are probabilities; ``log`` clamped at -100 and the
+        gradient's denominator at 1e-12, as PyTorch's ``NLLLoss(log(p))``.
+    target_scale : float, optional
+        Divisor of integer soft targets (default 255 for uint8, 65535 for uint16).
+    reduction, grad, grad_scale, out, loss_out, check, backend, num_threads
+        As in :func:`sigmoid_cross_entropy`; "mean" divides by the count of
+        unmasked pixels; ``loss_out`` has the pixel shape.
+
+    Returns
+    -------
+    LossResult
+        ``(loss, grad)``; grad has the logits' shape and dtype.
+
+    Notes
+    -----
+    Per pixel, with ``m = max_k x_k``::
+
+        loss = sum_k w_k z_k ((m - x_k) + log(sum_j exp(x_j - m)))
+        dloss/dx_k = (sum_j w_j z_j) softmax(x)_k - w_k z_k
+
+    Each term of the loss is non-negative, so the loss keeps full relative
+    precision (sums over classes in float64). The gradient is the general
+    one: exact for smoothed, masked or unnormalized targets. A class with
+    logit -inf and target 0 contributes 0 and gets gradient 0. NCHW and
+    NHWC layouts of the same data give bitwise the same results.
+    """
+    if reduction not in _REDUCTIONS:
+        raise FastSCEValueError(f"`reduction` must be one of {_REDUCTIONS}; got {reduction!r}")
+    impl = _backends.resolve(backend)
+    threads = resolve_threads(num_threads)
+    want_grad = _flag("grad", grad)
+    raw_x, x, compute = _logits(logits)
+    if x.ndim == 0:
+        raise FastSCEValueError("`logits` must have a class axis; got a 0-d array")
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) \
+            or not -x.ndim <= axis < x.ndim:
+        raise FastSCEValueError(
+            f"`axis` must be an integer in [{-x.ndim}, {x.ndim - 1}] for logits.shape="
+            f"{x.shape}; got {axis!r}"
+        )
+    axis = int(axis) % x.ndim
+    C = x.shape[axis]
+    pixel_shape = x.shape[:axis] + x.shape[axis + 1:]
+    t = np.asarray(targets)
+    native_t = t.dtype.newbyteorder("=")
+    hard = t.dtype.kind in _LABEL_KINDS and t.shape != x.shape and t.ndim == len(pixel_shape)
+    if hard:
+        _layout.broadcast_operand("targets", t, pixel_shape, what="the pixel shape of `logits`")
+        z = t if native_t == np.int64 and t.dtype.isnative else t.astype(np.int64)
+        if target_scale is not None:
+            raise FastSCEValueError("`target_scale` applies to soft targets, not class indices")
+        scale = float(C - 1)
+    else:
+        if t.dtype.kind in "iu" and native_t not in _INT_TARGETS:
+            raise FastSCETypeError(
+                f"`targets` of integer dtype {t.dtype} must be class indices of the shape "
+                f"without the class axis {pixel_shape}; got targets.shape={t.shape} and "
+                f"logits.shape={x.shape}"
+            )
+        z = _targets(t, x.shape)
+        scale = _INT_TARGETS.get(native_t, 1.0) if target_scale is None else \
+            _real("target_scale", target_scale, 0.0)
+        if not 0 < scale < math.inf:
+            raise FastSCEValueError(f"`target_scale` must be positive and finite; got {target_scale!r}")
+    if ignore_value is not None:
+        if not hard:
+            raise FastSCEValueError(
+                "`ignore_value` applies to integer class-index targets only; use `mask=` "
+                f"with soft targets (got targets of shape {t.shape} and dtype {t.dtype})"
+            )
+        if isinstance(ignore_value, bool) or not isinstance(ignore_value, (int, np.integer)):
+            raise FastSCEValueError(f"`ignore_value` must be an integer label; got {ignore_value!r}")
+        ignore_value = int(ignore_value)
+    eps = _real("label_smoothing", label_smoothing, 0.0, 1.0)
+    divergence = _flag("divergence", divergence)
+    from_logits = _flag("from_logits", from_logits)
+    check = _flag("check", check)
+    gs = _real("grad_scale", grad_scale)
+    cw = None
+    if class_weights is not None:
+        cw = np.asarray(class_weights)
+        if cw.shape != (C,):
+            raise FastSCEValueError(
+                f"`class_weights` must have shape ({C},) (one per class along axis {axis}); "
+                f"got class_weights.shape={cw.shape}"
+            )
+        cw = _weight_like("class_weights", cw, (C,), compute)
+        cw = np.ascontiguousarray(cw)
+    pixels = "the pixel shape of `logits` (without the class axis)"
+    w = _weight_like("weight", weight, pixel_shape, compute, pixels)
+    m = _mask(mask, pixel_shape, pixels)
+    inputs = [("logits", raw_x), ("targets", t), ("weight", weight), ("mask", mask),
+              ("class_weights", class_weights)]
+    grad_dtypes = (np.dtype(np.float16), compute) if compute != raw_x.dtype.newbyteorder("=") \
+        else (compute,)
+    if out is not None:
+        if not want_grad:
+            raise FastSCEValueError("`out` was given but grad=False; drop one of them")
+        _check_output("out", out, x.shape, grad_dtypes, inputs)
+    if loss_out is not None:
+        if reduction != "none":
+            raise FastSCEValueError(
+                f"`loss_out` is the loss map of reduction='none'; got reduction={reduction!r}"
+            )
+        _check_output("loss_out", loss_out, pixel_shape, grad_dtypes, inputs + [("out", out)],
+                      what="the pixel shape of `logits`")
+    call = SoftmaxCall(
+        shape=pixel_shape, x=x, axis=axis, classes=C, z=z, hard=hard, w=w, m=m, cw=cw,
+        from_logits=from_logits, divergence=divergence, label_smoothing=eps, scale=scale,
+        ignore_value=ignore_value, check=check, threads=threads,
+    )
+    in_place = out is not None and _same_view(out, raw_x)
+    out_dtype = np.dtype(np.float16) if raw_x.dtype.newbyteorder("=") == np.float16 else compute
+    return _run(impl, impl.softmax, call, reduction, want_grad, gs, out, loss_out, compute,
+                out_dtype, in_place, x.shape, _softmax_precount, what="pixel")
+
+
+def _softmax_precount(impl, call):
+    """Valid-pixel count (and label check) of a softmax call, by the count kernel.
+
+    Hard labels are checked as codes in [0, C-1]; soft targets are checked
+    element by element with the pixel mask spread along the class axis.
+    """
+    common = dict(x=None, w=None, pw=None, from_logits=True, divergence=False,
+                  label_smoothing=0.0, check=call.check, threads=call.threads)
+    if call.hard:
+        return impl.count_valid(BinaryCall(shape=call.shape, z=call.z, m=call.m,
+                                           scale=call.scale, ignore_value=call.ignore_value,
+                                           **common))
+    ones = np.broadcast_to(np.zeros((), np.uint8), call.shape)
+    pixels = impl.count_valid(BinaryCall(shape=call.shape, z=ones, m=call.m, scale=1.0,
+                                         ignore_value=None, **common))
+    if not call.check:
+        return pixels
+    m = None if call.m is None else np.expand_dims(np.broadcast_to(call.m, call.shape), call.axis)
+    elements = impl.count_valid(BinaryCall(shape=call.x.shape, z=call.z, m=m, scale=call.scale,
+                                           ignore_value=None, **common))
+    # Report the pixel of the first bad element, as the fused pass does.
+    first = -1
+    if elements.bad:
+        idx = list(np.unravel_index(elements.first_bad, call.x.shape))
+        del idx[call.axis]
+        first = int(np.ravel_multi_index(idx, call.shape)) if call.shape else 0
+    pixels.bad, pixels.first_bad = elements.bad, first
+    return pixels

@@ -19,6 +19,17 @@ from ._errors import FastSCEValueError
 #: by this number and the group size alone, never by the thread count.
 BLOCK = 16384
 
+def softmax_tile(classes):
+    """Pixels per softmax tile: a [classes][tile] working set stays in L2.
+
+    A function of the class count only, never of the layout or threads.
+    """
+    tile = 4096
+    while tile > 64 and tile * classes > 65536:
+        tile //= 2
+    return tile
+
+
 #: Operand slots in the order every kernel takes them (inputs, then outputs).
 SLOTS = ("x", "z", "w", "m", "pw", "g", "l")
 
@@ -35,6 +46,7 @@ class Plan:
     flats: dict              # slot -> 1-D array from the operand's lowest address, or None
     offsets: np.ndarray      # int64[len(SLOTS)], element offset of index (0, ..., 0)
     strides: np.ndarray      # int64[len(SLOTS), ndim], element strides
+    class_strides: np.ndarray  # int64[len(SLOTS)], stride of the class axis (softmax)
 
     def first_index(self, flat_index, full_shape):
         """Multi-index in the caller's shape of the flat iteration index."""
@@ -85,35 +97,48 @@ def _coalesce(shape, strides):
     return out_shape, out_strides
 
 
-def make_plan(shape, operands, group_size=None):
+def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None):
     """Plan a C-order walk of `shape` over `operands` (slot -> array or None).
 
     Every array must already broadcast to `shape`; inputs are broadcast here as
-    zero-stride views, outputs must have exactly `shape`.
+    zero-stride views, outputs must have exactly `shape`. With `class_axis`,
+    `shape` is the pixel shape and operands of `full_shape` (the logits')
+    also get a class stride; the walk covers their class-0 elements.
     """
     shape = tuple(int(s) for s in shape)
     n = int(np.prod(shape, dtype=np.int64))
-    views = {}
+    views, fulls = {}, {}
     for slot in SLOTS:
         a = operands.get(slot)
         if a is None:
             continue
-        v = np.broadcast_to(a, shape) if a.shape != shape else a
+        target = shape
+        if class_axis is not None and a.ndim == len(full_shape) and a.shape != shape:
+            target = tuple(full_shape)
+        v = np.broadcast_to(a, target) if a.shape != target else a
         if _element_strides(v) is None:
             # A stride that is not a whole number of items (a field of a
             # structured array): only such a view is copied.
             v = np.ascontiguousarray(v)
+        if target is not shape:
+            fulls[slot] = v
+            v = v[(slice(None),) * class_axis + (0,)]
         views[slot] = v
     present = list(views)
     merged_shape, merged = _coalesce(shape, [_element_strides(views[s]) for s in present])
     ndim = len(merged_shape)
     strides = np.zeros((len(SLOTS), ndim), dtype=np.int64)
     offsets = np.zeros(len(SLOTS), dtype=np.int64)
+    class_strides = np.zeros(len(SLOTS), dtype=np.int64)
     flats = dict.fromkeys(SLOTS)
     for slot, st in zip(present, merged):
-        strides[SLOTS.index(slot)] = st
+        i = SLOTS.index(slot)
+        strides[i] = st
+        whole = fulls.get(slot, views[slot])
+        if slot in fulls:
+            class_strides[i] = _element_strides(whole)[class_axis]
         if n:
-            flats[slot], offsets[SLOTS.index(slot)] = _flat_view(views[slot], _element_strides(views[slot]))
+            flats[slot], offsets[i] = _flat_view(whole, _element_strides(whole))
     if group_size is None:
         group_size = n
     n_groups = n // group_size if group_size else 0
@@ -121,11 +146,11 @@ def make_plan(shape, operands, group_size=None):
     return Plan(
         shape=np.asarray(merged_shape, dtype=np.int64), n=n, group_size=group_size,
         n_groups=n_groups, n_blocks=n_groups * per_group,
-        flats=flats, offsets=offsets, strides=strides,
+        flats=flats, offsets=offsets, strides=strides, class_strides=class_strides,
     )
 
 
-def broadcast_operand(name, a, shape):
+def broadcast_operand(name, a, shape, what="the shape of `logits`"):
     """Check that `a` broadcasts to `shape` without changing it."""
     try:
         b = np.broadcast_shapes(a.shape, shape)
@@ -133,6 +158,5 @@ def broadcast_operand(name, a, shape):
         b = None
     if b != tuple(shape):
         raise FastSCEValueError(
-            f"`{name}` must broadcast to the shape of `logits`; got "
-            f"{name}.shape={a.shape} and logits.shape={tuple(shape)}"
+            f"`{name}` must broadcast to {what} {tuple(shape)}; got {name}.shape={a.shape}"
         )

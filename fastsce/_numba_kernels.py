@@ -321,3 +321,25 @@ def features():
         "max_threads": numba.config.NUMBA_NUM_THREADS,
         "vectorized_math": "inlined polynomial exp/log (Numba has no SVML here)",
     }
+
+
+def softmax(call):
+    from ._layout import softmax_tile
+    from ._numba_softmax import _driver as softmax_driver
+
+    C = call.classes
+    plan = make_plan(call.shape, {"x": call.x, "z": call.z, "w": call.w, "m": call.m,
+                                  "g": call.grad, "l": call.loss_map},
+                     class_axis=call.axis, full_shape=call.x.shape)
+    nb = plan.n_blocks
+    parts = (np.zeros(nb), np.zeros(nb, np.int64), np.zeros(nb, np.int64),
+             np.full(nb, -1, np.int64))
+    if nb:
+        f = plan.flats
+        run = softmax_driver(call.from_logits, call.divergence, call.hard, call.x.dtype.type)
+        with _threads(call.threads):
+            run(plan.shape, plan.group_size, C, softmax_tile(C), f["x"], f["z"], f["w"], f["m"],
+                f["g"], f["l"], plan.offsets, plan.strides, plan.class_strides, call.cw,
+                float(call.scale), float(call.label_smoothing), call.ignore_value,
+                np.full(plan.n_groups, call.gscale), *parts)
+    return combine(*parts)

@@ -3,6 +3,7 @@ from . import _reference
 
 binary = _reference.binary
 count_valid = _reference.count_valid
+softmax = _reference.softmax
 
 
 def features():

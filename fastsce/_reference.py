@@ -129,3 +129,82 @@ class Totals:
 
     def __init__(self, loss, count, bad, first_bad):
         self.loss, self.count, self.bad, self.first_bad = loss, count, bad, first_bad
+
+
+# ------------------------------------------------------------------ softmax
+
+
+def _class_last(a, axis):
+    return np.moveaxis(np.asarray(a), axis, -1)
+
+
+def softmax_targets(call):
+    """(raw, z) in float64 with the class axis last; z scaled and smoothed."""
+    C = call.classes
+    if call.hard:
+        labels = np.broadcast_to(call.z, call.shape).astype(np.int64)
+        raw = labels
+        z = (labels[..., None] == np.arange(C)).astype(np.float64)
+    else:
+        raw = _class_last(np.broadcast_to(call.z, call.x.shape), call.axis).astype(np.float64)
+        z = raw / call.scale
+    eps = call.label_smoothing
+    if eps:
+        z = z * (1 - eps) + eps / C
+    return raw, z
+
+
+def softmax_elementwise(call):
+    """Per-pixel loss and per-class d loss / d input (before pixel weight and mask)."""
+    x = _class_last(call.x, call.axis).astype(np.float64)
+    raw, z = softmax_targets(call)
+    cw = 1.0 if call.cw is None else np.asarray(call.cw, dtype=np.float64)
+    wz = cw * z
+    with np.errstate(all="ignore"):
+        if call.from_logits:
+            m = np.max(x, axis=-1, keepdims=True)
+            # x == m gives d = 0 also for x = m = +inf (the limit, SPEC §2).
+            d = np.where(x == m, 0.0, x - m)
+            e = np.exp(d)
+            s = np.sum(e, axis=-1, keepdims=True)
+            # Each term wz*((m - x) + log s) is non-negative: full relative precision.
+            loss = np.sum(_times(wz, -d), axis=-1) + np.sum(wz, axis=-1) * np.log(s[..., 0])
+            dloss = np.sum(wz, axis=-1, keepdims=True) * (e / s) - wz
+        else:
+            loss = -np.sum(_times(wz, clog(x)), axis=-1)
+            dloss = -wz / np.maximum(x, DENOM_FLOOR)
+        if call.divergence:
+            loss = loss + np.sum(_times(wz, np.log(np.where(z > 0, z, 1.0))), axis=-1)
+    return raw, loss, dloss
+
+
+def softmax(call):
+    """Run one softmax call: fills call.grad / call.loss_map, returns totals."""
+    raw, loss, dloss = softmax_elementwise(call)
+    C = call.classes
+    valid = np.ones(call.shape, dtype=bool)
+    if call.m is not None:
+        valid = valid & call.m
+    if call.hard:
+        if call.ignore_value is not None:
+            valid = valid & (raw != call.ignore_value)
+        bad = valid & ((raw < 0) | (raw >= C))
+    else:
+        r = raw / call.scale
+        bad_el = np.broadcast_to(valid[..., None], r.shape) & ~((r >= 0) & (r <= 1))
+        bad = bad_el.any(axis=-1)
+    valid = np.broadcast_to(valid, call.shape)
+    w = 1.0 if call.w is None else np.asarray(call.w, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        wloss = np.where(valid, w * loss, 0.0)
+        if call.grad is not None:
+            w_pixel = np.asarray(w)[..., None] if np.ndim(w) else w
+            g = np.where(valid[..., None], dloss * (w_pixel * call.gscale), 0.0)
+            call.grad[...] = np.moveaxis(g, -1, call.axis)
+        if call.loss_map is not None:
+            call.loss_map[...] = wloss
+        total = float(np.sum(wloss))
+    flat_bad = np.flatnonzero(bad)
+    return Totals(total, int(np.count_nonzero(valid)),
+                  int(np.count_nonzero(bad_el) if not call.hard else flat_bad.size),
+                  int(flat_bad[0]) if flat_bad.size else -1)
