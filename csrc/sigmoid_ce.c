@@ -25,6 +25,7 @@
 #include <string.h>
 #include "fastsce.h"
 #include "fastsce_math.h"
+#include "walk.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -39,13 +40,7 @@ const int FASTSCE_HAVE_OPENMP = 1;
 const int FASTSCE_HAVE_OPENMP = 0;
 #endif
 
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-/* One portable build, fast on every x86-64: the segment loops are cloned for
- * AVX-512 (x86-64-v4), AVX2 (v3) and the baseline, and the loader picks one
- * at run time (an ifunc). AVX-512 ran 1.5-1.9x faster than AVX2 (PERF_NOTES). */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(FASTSCE_NO_CLONES)
-#define FASTSCE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#if FASTSCE_HAVE_CLONES
 const char *fastsce_cpu_path(void)
 {
     __builtin_cpu_init();
@@ -54,7 +49,6 @@ const char *fastsce_cpu_path(void)
     return "baseline";
 }
 #else
-#define FASTSCE_CLONES
 const char *fastsce_cpu_path(void) { return "baseline (no run-time dispatch in this build)"; }
 #endif
 
@@ -66,7 +60,7 @@ typedef struct {
     const uint8_t *m;
     void *g, *l;
     int64_t n;
-    const fastsce_binary_params *p;
+    const fastsce_params *p;
     double gs;
 } seg_args;
 
@@ -124,6 +118,7 @@ DEFINE_ELEMENT(f64, double)
 
 #define IS_INT_uint8_t 1
 #define IS_INT_uint16_t 1
+#define IS_INT_int64_t 1
 #define IS_INT_float 0
 #define IS_INT_double 0
 #define IS_INT(T) IS_INT_##T
@@ -137,7 +132,7 @@ ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,  
     const T *t = (const T *)s->t;                                                      \
     const uint8_t *m = s->m;                                                           \
     X *g = (X *)s->g, *l = (X *)s->l;                                                  \
-    const fastsce_binary_params *p = s->p;                                             \
+    const fastsce_params *p = s->p;                                             \
     const X sc = (X)p->scale, inv = (X)(1.0 / p->scale), keep = (X)(1.0 - p->eps);     \
     const X shift = (X)(p->eps * 0.5), gs = (X)s->gs;                                  \
     const int has_ignore = IS_INT(T) && p->has_ignore;                                 \
@@ -191,7 +186,7 @@ FASTSCE_CLONES static seg_sums seg_##XN##_##TN##_##FL##DV##EX##WG##WL(const seg_
 /* Index of the first counted target outside [0, scale] in a row (rare path). */
 #define DEFINE_FIRST_BAD(TN, T)                                                        \
 static int64_t first_bad_##TN(const T *t, const uint8_t *m, int64_t n,                 \
-                              const fastsce_binary_params *p)                          \
+                              const fastsce_params *p)                          \
 {                                                                                      \
     for (int64_t i = 0; i < n; i++) {                                                  \
         int valid = m ? m[i] != 0 : 1;                                                 \
@@ -205,11 +200,12 @@ DEFINE_FIRST_BAD(f32, float)
 DEFINE_FIRST_BAD(f64, double)
 DEFINE_FIRST_BAD(u8, uint8_t)
 DEFINE_FIRST_BAD(u16, uint16_t)
+DEFINE_FIRST_BAD(i64, int64_t)
 
 /* ------------------------------------------------------------- the walk */
 
 typedef int64_t (*first_bad_fn)(const void *, const uint8_t *, int64_t,
-                                const fastsce_binary_params *);
+                                const fastsce_params *);
 
 typedef struct {
     int ndim;
@@ -220,13 +216,11 @@ typedef struct {
     int neutral[FASTSCE_NSLOTS];        /* absent but read: neutral values  */
     segment_fn segment;
     first_bad_fn first_bad;
-    const fastsce_binary_params *p;
+    const fastsce_params *p;
     const double *gscale;
     double *part_loss;
     int64_t *part_count, *part_bad, *part_first;
 } walk;
-
-enum { SX, ST, SW, SM, SPW, SG, SL };
 
 /* Per-thread scratch: a row buffer per slot, plus neutral buffers (ones). */
 static char *scratch_alloc(const walk *k, char **buf)
@@ -263,12 +257,7 @@ static void run_block(const walk *k, int64_t b, char **buf)
         int64_t n = inner - col < stop - i ? inner - col : stop - i;
         const void *ptr[FASTSCE_NSLOTS];
         int64_t off[FASTSCE_NSLOTS];
-        for (int s = 0; s < FASTSCE_NSLOTS; s++) off[s] = col * k->strides[s * nd + nd - 1];
-        for (int d = nd - 2; d >= 0; d--) {
-            int64_t idx = row % k->shape[d];
-            row /= k->shape[d];
-            for (int s = 0; s < FASTSCE_NSLOTS; s++) off[s] += idx * k->strides[s * nd + d];
-        }
+        row_offsets(nd, k->shape, k->strides, FASTSCE_NSLOTS, row, col, off);
         for (int s = 0; s < FASTSCE_NSLOTS; s++) {
             int64_t st = k->strides[s * nd + nd - 1], it = k->item[s];
             if (k->neutral[s]) ptr[s] = buf[s];
@@ -330,7 +319,7 @@ static int run_walk(const walk *k, int num_threads)
 /* ------------------------------------------------------------ entry points */
 
 static void fill_walk(walk *k, int ndim, const int64_t *shape, int64_t group_size,
-                      const int64_t *strides, const fastsce_binary_params *p)
+                      const int64_t *strides, const fastsce_params *p)
 {
     memset(k, 0, sizeof *k);
     k->ndim = ndim;
@@ -344,7 +333,7 @@ static void fill_walk(walk *k, int ndim, const int64_t *shape, int64_t group_siz
 SEGMENT_TABLE(XN, X, TN, T)                                                            \
 int fastsce_sigmoid_ce_##XN##_##TN(int ndim, const int64_t *shape, int64_t group_size,  \
         const X *x, const T *t, const X *w, const uint8_t *m, const X *pw,             \
-        const int64_t *strides, const fastsce_binary_params *p, const double *gscale,  \
+        const int64_t *strides, const fastsce_params *p, const double *gscale,  \
         X *g, X *l, double *part_loss, int64_t *part_count, int64_t *part_bad,         \
         int64_t *part_first)                                                           \
 {                                                                                      \
@@ -384,7 +373,7 @@ DEFINE_BINARY(f64, double, u16, uint16_t)
 static seg_sums count_##TN(const seg_args *s)                                          \
 {                                                                                      \
     const T *t = (const T *)s->t;                                                      \
-    const fastsce_binary_params *p = s->p;                                             \
+    const fastsce_params *p = s->p;                                             \
     int64_t count = 0, bad = 0;                                                        \
     for (int64_t i = 0; i < s->n; i++) {                                               \
         int valid = s->m ? s->m[i] != 0 : 1;                                           \
@@ -398,7 +387,7 @@ static seg_sums count_##TN(const seg_args *s)                                   
 }                                                                                      \
 int fastsce_count_valid_##TN(int ndim, const int64_t *shape, int64_t group_size,        \
         const T *t, const uint8_t *m, const int64_t *strides,                          \
-        const fastsce_binary_params *p, int64_t *part_count, int64_t *part_bad,        \
+        const fastsce_params *p, int64_t *part_count, int64_t *part_bad,        \
         int64_t *part_first)                                                           \
 {                                                                                      \
     walk k;                                                                            \
@@ -418,3 +407,4 @@ DEFINE_COUNT(f32, float)
 DEFINE_COUNT(f64, double)
 DEFINE_COUNT(u8, uint8_t)
 DEFINE_COUNT(u16, uint16_t)
+DEFINE_COUNT(i64, int64_t)

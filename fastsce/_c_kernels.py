@@ -7,7 +7,7 @@ combines the block partials exactly as the Numba backend does.
 import numpy as np
 
 from . import _cffi_kernels
-from ._layout import BLOCK, SLOTS, make_plan
+from ._layout import BLOCK, SLOTS, make_plan, softmax_tile
 from ._partials import combine
 
 ffi, lib = _cffi_kernels.ffi, _cffi_kernels.lib
@@ -16,8 +16,9 @@ if lib.FASTSCE_BLOCK != BLOCK:  # one block size per language, and they must agr
     raise ImportError(f"C kernels built with FASTSCE_BLOCK={lib.FASTSCE_BLOCK}, Python has {BLOCK}")
 
 _CODES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
-          np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16"}
-_CTYPES = {"f32": "float *", "f64": "double *", "u8": "uint8_t *", "u16": "uint16_t *"}
+          np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16", np.dtype(np.int64): "i64"}
+_CTYPES = {"f32": "float *", "f64": "double *", "u8": "uint8_t *", "u16": "uint16_t *",
+           "i64": "int64_t *"}
 
 
 def _ptr(plan, slot, code):
@@ -30,7 +31,7 @@ def _ptr(plan, slot, code):
 
 
 def _params(call):
-    p = ffi.new("fastsce_binary_params *")
+    p = ffi.new("fastsce_params *")
     p.scale = call.scale
     p.eps = call.label_smoothing
     p.has_ignore = call.ignore_value is not None
@@ -77,6 +78,27 @@ def binary(call):
                   _f64(gscale), _ptr(plan, "g", x), _ptr(plan, "l", x),
                   _f64(parts[0]), _i64(parts[1]), _i64(parts[2]), _i64(parts[3])),
                "sigmoid_cross_entropy")
+    return combine(*parts)
+
+
+def softmax(call):
+    x, t = _CODES[call.x.dtype], _CODES[call.z.dtype.newbyteorder("=")]
+    plan = make_plan(call.shape, {"x": call.x, "z": call.z, "w": call.w, "m": call.m,
+                                  "g": call.grad, "l": call.loss_map},
+                     class_axis=call.axis, full_shape=call.x.shape)
+    parts = _partials(plan.n_blocks)
+    if plan.n_blocks:
+        gscale = np.full(plan.n_groups, call.gscale)
+        strides = np.ascontiguousarray(plan.strides)
+        cw = ffi.NULL if call.cw is None else ffi.from_buffer(_CTYPES[x], call.cw)
+        fn = getattr(lib, f"fastsce_softmax_ce_{x}_{t}")
+        _check(fn(len(plan.shape), _i64(plan.shape), plan.group_size, call.classes,
+                  softmax_tile(call.classes), _ptr(plan, "x", x), _ptr(plan, "z", t),
+                  _ptr(plan, "w", x), _ptr(plan, "m", "u8"), _i64(strides),
+                  _i64(plan.class_strides), cw, _params(call), _f64(gscale),
+                  _ptr(plan, "g", x), _ptr(plan, "l", x),
+                  _f64(parts[0]), _i64(parts[1]), _i64(parts[2]), _i64(parts[3])),
+               "softmax_cross_entropy")
     return combine(*parts)
 
 
