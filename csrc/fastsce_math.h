@@ -23,10 +23,11 @@ static inline int64_t f64_bits(double f) { int64_t i; memcpy(&i, &f, 8); return 
 
 /* ------------------------------------------------------------ float32 */
 
-/* exp(x) for x <= 0 (and NaN); 0 below the subnormal range. */
-static inline float exp_neg_f32(float x)
+/* exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding: a
+ * shift keeps a result that would be subnormal at full precision. */
+static inline float exp_neg_scaled_f32(float x, int32_t shift)
 {
-    x = x < -104.0f ? -104.0f : x;                  /* exp(-104) rounds to 0; NaN stays */
+    x = x < -150.0f ? -150.0f : x;                  /* exp(-150) * 2^64 rounds to 0; NaN stays */
     float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* rint: + 1.5*2^23 */
     k = k == k ? k : 0.0f;                          /* keep the int conversion defined */
     float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
@@ -34,11 +35,14 @@ static inline float exp_neg_f32(float x)
     float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
                  + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * r2
               + r + 1.0f;
-    int32_t ki = (int32_t)k;
+    int32_t ki = (int32_t)k + shift;
     int32_t k1 = ki >> 1;                           /* 2^k as two factors: subnormals */
     int32_t k2 = ki - k1;
     return p * bits_f32((k1 + 127) << 23) * bits_f32((k2 + 127) << 23);
 }
+
+/* exp(x) for x <= 0 (and NaN); 0 below the subnormal range. */
+static inline float exp_neg_f32(float x) { return exp_neg_scaled_f32(x, 0); }
 
 /* log(2^k (1 + f)) for 1 + f in [sqrt(2)/2, sqrt(2)) (fdlibm's kernel). */
 static inline float log_reduced_f32(float f, float k)
@@ -82,7 +86,7 @@ static inline float log_f32(float u)
 
 /* ------------------------------------------------------------ float64 */
 
-static inline double exp_neg_f64(double x)
+static inline double exp_neg_scaled_f64(double x, int64_t shift)
 {
     x = x < -746.0 ? -746.0 : x;
     double k = (x * 1.44269504088896338700e+00 + 6755399441055744.0) - 6755399441055744.0;
@@ -95,11 +99,13 @@ static inline double exp_neg_f64(double x)
                + t * (6.61375632143793436117e-05 + t * (-1.65339022054652515390e-06
                + t * 4.13813679705723846039e-08))));
     double p = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi);
-    int64_t ki = (int64_t)k;
+    int64_t ki = (int64_t)k + shift;
     int64_t k1 = ki >> 1;
     int64_t k2 = ki - k1;
     return p * bits_f64((k1 + 1023) << 52) * bits_f64((k2 + 1023) << 52);
 }
+
+static inline double exp_neg_f64(double x) { return exp_neg_scaled_f64(x, 0); }
 
 static inline double log_reduced_f64(double f, double k)
 {

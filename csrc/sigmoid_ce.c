@@ -223,33 +223,35 @@ typedef struct {
 } walk;
 
 /* Per-thread scratch: a row buffer per slot, plus neutral buffers (ones). */
-static char *scratch_alloc(const walk *k, char **buf)
+typedef struct { char *buf[FASTSCE_NSLOTS]; } walk_scratch;
+
+static void *scratch_alloc(const void *ctx)
 {
-    size_t per = (size_t)FASTSCE_BLOCK * 8;
-    char *mem = malloc(per * FASTSCE_NSLOTS);
-    if (!mem) return NULL;
+    const walk *k = ctx;
+    const size_t per = (size_t)FASTSCE_BLOCK * 8;
+    walk_scratch *sc = malloc(sizeof *sc + per * FASTSCE_NSLOTS);
+    if (!sc) return NULL;
     for (int s = 0; s < FASTSCE_NSLOTS; s++) {
-        buf[s] = mem + per * s;
+        sc->buf[s] = (char *)(sc + 1) + per * s;
         if (k->neutral[s]) {
             for (int64_t i = 0; i < FASTSCE_BLOCK; i++) {
-                if (k->item[s] == 1) ((uint8_t *)buf[s])[i] = 1;
-                else if (k->item[s] == 4) ((float *)buf[s])[i] = 1.0f;
-                else ((double *)buf[s])[i] = 1.0;
+                if (k->item[s] == 1) ((uint8_t *)sc->buf[s])[i] = 1;
+                else if (k->item[s] == 4) ((float *)sc->buf[s])[i] = 1.0f;
+                else ((double *)sc->buf[s])[i] = 1.0;
             }
         }
     }
-    return mem;
+    return sc;
 }
 
-static void run_block(const walk *k, int64_t b, char **buf)
+static void run_block(const void *ctx, int64_t b, void *scratch)
 {
+    const walk *k = ctx;
+    char **buf = ((walk_scratch *)scratch)->buf;
     const int nd = k->ndim;
     const int64_t inner = k->shape[nd - 1];
-    const int64_t per_group = (k->group_size + FASTSCE_BLOCK - 1) / FASTSCE_BLOCK;
-    const int64_t grp = b / per_group;
-    const int64_t start = grp * k->group_size + (b - grp * per_group) * FASTSCE_BLOCK;
-    int64_t stop = start + FASTSCE_BLOCK;
-    if (stop > (grp + 1) * k->group_size) stop = (grp + 1) * k->group_size;
+    int64_t start, stop;
+    const int64_t grp = block_range(b, k->group_size, &start, &stop);
     double total = 0.0;
     int64_t count = 0, bad = 0, first = -1;
     for (int64_t i = start; i < stop;) {
@@ -293,27 +295,8 @@ static void run_block(const walk *k, int64_t b, char **buf)
 
 static int run_walk(const walk *k, int num_threads)
 {
-    int64_t n = 1;
-    for (int d = 0; d < k->ndim; d++) n *= k->shape[d];
-    const int64_t per_group = (k->group_size + FASTSCE_BLOCK - 1) / FASTSCE_BLOCK;
-    const int64_t total_blocks = k->group_size ? n / k->group_size * per_group : 0;
-    int failed = 0;
-    (void)num_threads;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(num_threads) reduction(|:failed)
-#endif
-    {
-        char *buf[FASTSCE_NSLOTS];
-        char *mem = scratch_alloc(k, buf);
-        if (!mem) failed = 1;
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t b = 0; b < total_blocks; b++)
-            if (mem) run_block(k, b, buf);
-        free(mem);
-    }
-    return failed ? FASTSCE_ENOMEM : 0;
+    return parallel_blocks(walk_blocks(k->ndim, k->shape, k->group_size), num_threads, k,
+                           scratch_alloc, run_block);
 }
 
 /* ------------------------------------------------------------ entry points */

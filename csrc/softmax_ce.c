@@ -9,10 +9,12 @@
  *    first, so every layout runs the same class-outer, pixel-inner loops:
  *    they vectorize across pixels, and NCHW and NHWC give bitwise the same
  *    numbers.
- *  - Per tile, four passes over data in cache: (1) max over classes; (2) exp
- *    and the per-pixel float64 sums s = sum e, W = sum w z, A = sum w z (m - x)
- *    (the loss A + W log s keeps full relative precision); (3) the per-pixel
- *    loss; (4) the gradient W e / s - w z. Each logit and target is read from
+ *  - Per tile, four passes over data in cache: (1) max over classes and the
+ *    first class reaching it; (2) exp(x - m) (the rounding of x - m put back,
+ *    TwoSum) and the per-pixel float64 sums r = the other classes' exps,
+ *    W = sum w z, A = sum w z (m - x); (3) the loss A + W log1p(r), every term
+ *    non-negative, so full relative precision even for a dominant class;
+ *    (4) the gradient W e / (1 + r) - w z. Each logit and target is read from
  *    memory once and each gradient element written once.
  *  - Blocks of FASTSCE_BLOCK pixels; a block keeps its pixel losses in a
  *    buffer summed by one fixed loop, so the total depends neither on the
@@ -40,6 +42,7 @@ typedef struct {
     const fastsce_params *p;
     double gs;
     void *e, *mx;                 /* scratch: [C][tsz] exps, [tsz] maxima      */
+    int64_t *am;                  /* [tsz] first class reaching the maximum    */
     double *s, *W, *A, *H, *lbuf; /* per pixel; lbuf: the block's pixel losses */
     uint8_t *valid;
 } tile_args;
@@ -53,6 +56,13 @@ typedef tile_sums (*tile_fn)(const tile_args *);
 #define IS_HARD_uint8_t 0
 #define IS_HARD_uint16_t 0
 #define IS_HARD(T) IS_HARD_##T
+
+/* log1p(r) for r >= 0 in float64. */
+static inline double log1p_pos_f64(double r)
+{
+    double iu;
+    return r <= 1.0 ? log1p_unit_f64(r, &iu) : log_f64(1.0 + r);
+}
 
 /* Same operations in the same order as _tile in _numba_softmax.py. */
 #define DEFINE_TILE(XN, X, TN, T)                                                      \
@@ -74,11 +84,17 @@ ALWAYS_INLINE tile_sums tile_##XN##_##TN(const tile_args *a, int from_logits,   
     const fastsce_params *p = a->p;                                                    \
     const X sc = (X)p->scale, inv = (X)(1.0 / p->scale), keep = (X)(1.0 - p->eps);     \
     const X shift = (X)(p->eps / (double)C);                                           \
-    if (from_logits) {                                                 /* (1) */       \
+    int64_t *am = a->am;                                                               \
+    for (int64_t q = 0; q < n; q++) am[q] = 0;                         /* (1) */       \
+    if (from_logits) {                                                                 \
         for (int64_t q = 0; q < n; q++) mx[q] = x[q];                                  \
         for (int64_t k = 1; k < C; k++) {                                              \
             const X *xk = x + k * xcs;                                                 \
-            for (int64_t q = 0; q < n; q++) mx[q] = xk[q] > mx[q] ? xk[q] : mx[q];     \
+            for (int64_t q = 0; q < n; q++) {                                          \
+                int up = xk[q] > mx[q];                                                \
+                mx[q] = up ? xk[q] : mx[q];                                            \
+                am[q] = up ? k : am[q];                                                \
+            }                                                                          \
         }                                                                              \
     }                                                                                  \
     for (int64_t q = 0; q < n; q++) s[q] = W[q] = A[q] = H[q] = 0.0;   /* (2) */       \
@@ -89,9 +105,19 @@ ALWAYS_INLINE tile_sums tile_##XN##_##TN(const tile_args *a, int from_logits,   
         for (int64_t q = 0; q < n; q++) {                                              \
             X zv = target_##XN##_##TN(z, zcs, k, q, inv, keep, shift);                 \
             X v = xk[q], wz = cwk * zv, ev = (X)0, at, h = (X)0;                       \
+            double e64 = 0.0;                                                          \
             if (from_logits) {                                                         \
                 X d = v == mx[q] ? (X)0 : v - mx[q];    /* x = m = +inf: d = 0 */      \
-                ev = exp_neg_##XN(d);                                                  \
+                X bb = d - v;       /* TwoSum: what rounding x - m lost */             \
+                X err = (v - (d - bb)) + (-mx[q] - bb);                                \
+                err = err == err ? err : (X)0;                                         \
+                /* a float32 exp below ~e^-87 is subnormal: take it 2^64 larger   */  \
+                /* for the float64 sum and scale only the stored value            */  \
+                int low = sizeof(X) == 4 && d < (X)-80;                                \
+                ev = exp_neg_scaled_##XN(d, low ? 64 : 0);                             \
+                ev = ev + ev * err;                                                    \
+                e64 = (double)ev * (low ? 0x1p-64 : 1.0);                              \
+                ev = low ? ev * (X)0x1p-64 : ev;                                       \
                 at = wz == (X)0 ? (X)0 : wz * -d;                                      \
             } else {                                                                   \
                 X lc = log_##XN(v);                                                    \
@@ -100,7 +126,7 @@ ALWAYS_INLINE tile_sums tile_##XN##_##TN(const tile_args *a, int from_logits,   
             }                                                                          \
             if (divergence) h = wz == (X)0 ? (X)0 : wz * log_##XN(zv);                 \
             ek[q] = ev;                                                                \
-            s[q] += (double)ev;                                                        \
+            s[q] += k == am[q] ? 0.0 : e64;          /* the first max's exp is 1 */   \
             W[q] += (double)wz;                                                        \
             A[q] += (double)at;                                                        \
             H[q] += (double)h;                                                         \
@@ -114,7 +140,7 @@ ALWAYS_INLINE tile_sums tile_##XN##_##TN(const tile_args *a, int from_logits,   
             bad += ok && !(z[q] >= 0 && z[q] < (T)C);                                  \
         }                                                                              \
         double loss64 = A[q] + H[q];                                                   \
-        if (from_logits) loss64 += W[q] == 0.0 ? 0.0 : W[q] * log_f64(s[q]);           \
+        if (from_logits) loss64 += W[q] == 0.0 ? 0.0 : W[q] * log1p_pos_f64(s[q]);     \
         X loss = (X)loss64;                                                            \
         X wp = w ? w[q] : (X)1;                                                        \
         loss = ok ? loss * wp : (X)0;                                                  \
@@ -122,7 +148,7 @@ ALWAYS_INLINE tile_sums tile_##XN##_##TN(const tile_args *a, int from_logits,   
         if (l) l[q] = loss;                                                            \
         count += ok;                                                                   \
         a->valid[q] = (uint8_t)ok;                                                     \
-        s[q] = 1.0 / s[q];                                                             \
+        s[q] = 1.0 / (1.0 + s[q]);                                                     \
         H[q] = (double)(wp * (X)a->gs);                                                \
     }                                                                                  \
     if (!IS_HARD(T))                                                                   \
@@ -233,24 +259,28 @@ typedef struct {
     int64_t *part_count, *part_bad, *part_first;
 } softmax_walk;
 
-/* Per-thread scratch, carved from one allocation. */
+/* Per-thread scratch, carved from one allocation after this header. */
 typedef struct {
     char *xs, *zs, *gs, *e, *mx, *row[FASTSCE_NSLOTS];
+    int64_t *am;
     double *s, *W, *A, *H, *lbuf;
     uint8_t *valid;
 } softmax_scratch;
 
-static char *softmax_scratch_alloc(const softmax_walk *k, softmax_scratch *sc)
+static void *softmax_scratch_alloc(const void *ctx)
 {
+    const softmax_walk *k = ctx;
     const size_t ct = (size_t)(k->C * k->tsz) * 8, t = (size_t)k->tsz * 8;
-    char *mem = malloc(4 * ct + (1 + FASTSCE_NSLOTS + 4) * t + (size_t)FASTSCE_BLOCK * 8 + (size_t)k->tsz);
-    if (!mem) return NULL;
-    char *c = mem;
+    softmax_scratch *sc = malloc(sizeof *sc + 4 * ct + (2 + FASTSCE_NSLOTS + 4) * t
+                                 + (size_t)FASTSCE_BLOCK * 8 + (size_t)k->tsz);
+    if (!sc) return NULL;
+    char *c = (char *)(sc + 1);
     sc->xs = c; c += ct;
     sc->zs = c; c += ct;
     sc->gs = c; c += ct;
     sc->e = c; c += ct;
     sc->mx = c; c += t;
+    sc->am = (int64_t *)c; c += t;
     for (int s = 0; s < FASTSCE_NSLOTS; s++) { sc->row[s] = c; c += t; }
     sc->s = (double *)c; c += t;
     sc->W = (double *)c; c += t;
@@ -258,7 +288,7 @@ static char *softmax_scratch_alloc(const softmax_walk *k, softmax_scratch *sc)
     sc->H = (double *)c; c += t;
     sc->lbuf = (double *)c; c += (size_t)FASTSCE_BLOCK * 8;
     sc->valid = (uint8_t *)c;
-    return mem;
+    return sc;
 }
 
 FASTSCE_CLONES static double block_sum(const double *buf, int64_t n)
@@ -269,16 +299,15 @@ FASTSCE_CLONES static double block_sum(const double *buf, int64_t n)
     return total;
 }
 
-static void softmax_block(const softmax_walk *k, int64_t b, softmax_scratch *sc)
+static void softmax_block(const void *ctx, int64_t b, void *scratch)
 {
+    const softmax_walk *k = ctx;
+    softmax_scratch *sc = scratch;
     const int nd = k->ndim;
     const int64_t inner = k->shape[nd - 1], C = k->C, tsz = k->tsz;
     const int64_t *st = k->strides, *cst = k->cstrides;
-    const int64_t per_group = (k->group_size + FASTSCE_BLOCK - 1) / FASTSCE_BLOCK;
-    const int64_t grp = b / per_group;
-    const int64_t start = grp * k->group_size + (b - grp * per_group) * FASTSCE_BLOCK;
-    int64_t stop = start + FASTSCE_BLOCK;
-    if (stop > (grp + 1) * k->group_size) stop = (grp + 1) * k->group_size;
+    int64_t start, stop;
+    const int64_t grp = block_range(b, k->group_size, &start, &stop);
     int64_t count = 0, bad = 0, first = -1;
 #define PSTRIDE(s) st[(s) * nd + nd - 1]
     for (int64_t i = start; i < stop;) {
@@ -291,7 +320,7 @@ static void softmax_block(const softmax_walk *k, int64_t b, softmax_scratch *sc)
         memset(&a, 0, sizeof a);
         a.n = n; a.C = C; a.tsz = tsz; a.p = k->p; a.cw = k->cw;
         a.gs = k->gscale[grp];
-        a.e = sc->e; a.mx = sc->mx; a.s = sc->s; a.W = sc->W; a.A = sc->A; a.H = sc->H;
+        a.e = sc->e; a.mx = sc->mx; a.am = sc->am; a.s = sc->s; a.W = sc->W; a.A = sc->A; a.H = sc->H;
         a.valid = sc->valid; a.lbuf = sc->lbuf + (i - start);
         /* class-shaped operands: in place if pixels are contiguous, else gathered */
         if (PSTRIDE(SX) == 1) { a.x = k->base[SX] + off[SX] * k->item[SX]; a.xcs = cst[SX]; }
@@ -339,28 +368,8 @@ static void softmax_block(const softmax_walk *k, int64_t b, softmax_scratch *sc)
 
 static int softmax_run(const softmax_walk *k, int num_threads)
 {
-    int64_t n = 1;
-    for (int d = 0; d < k->ndim; d++) n *= k->shape[d];
-    const int64_t per_group = (k->group_size + FASTSCE_BLOCK - 1) / FASTSCE_BLOCK;
-    const int64_t total_blocks = k->group_size ? n / k->group_size * per_group : 0;
-    int failed = 0;
-    (void)num_threads;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(num_threads) reduction(|:failed)
-#endif
-    {
-        softmax_scratch sc;
-        memset(&sc, 0, sizeof sc);
-        char *mem = softmax_scratch_alloc(k, &sc);
-        if (!mem) failed = 1;
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t b = 0; b < total_blocks; b++)
-            if (mem) softmax_block(k, b, &sc);
-        free(mem);
-    }
-    return failed ? FASTSCE_ENOMEM : 0;
+    return parallel_blocks(walk_blocks(k->ndim, k->shape, k->group_size), num_threads, k,
+                           softmax_scratch_alloc, softmax_block);
 }
 
 #define DEFINE_SOFTMAX(XN, X, TN, T)                                                   \

@@ -8,21 +8,12 @@ reference. `fastsce info` prints what this machine offers.
 import argparse
 import json
 import sys
-import time
 
 import numpy as np
 
 from . import _backends, info, sigmoid_cross_entropy
+from ._bench import _median
 from ._sample import soft_masks
-
-
-def _median_time(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def demo(args):
@@ -48,8 +39,8 @@ def demo(args):
             return sigmoid_cross_entropy(logits, targets, backend=name, out=grad,
                                          num_threads=args.threads)
 
-        result = call()  # compiles (Numba) or warms up before timing
-        seconds = _median_time(call, 3 if name == "numpy" else args.repeat)
+        result = call()
+        seconds = _median(call, 3 if name == "numpy" else args.repeat)
         err = float(np.max(np.abs(result.grad.astype(np.float64) - ref.grad)))
         print(f"{name:8} {result.loss:20.12f} {seconds * 1e3:11.2f} ms {n / seconds / 1e9:8.3f} "
               f"{err:17.3g}")
@@ -71,7 +62,19 @@ def main(argv=None):
         p.add_argument("--repeat", type=int, default=7, help="timed repeats per backend")
         p.add_argument("--threads", type=int, default=None, help="threads (default: all CPUs)")
     sub.add_parser("info", help="backends, why one is missing, threads, OpenMP, CPU path")
+    p_bench = sub.add_parser("bench", help="fastsce vs NumPy, PyTorch, JAX and the memory roofline")
+    p_bench.add_argument("workloads", nargs="*", help="W1 W1L W2 W3 W4 (default: all)")
+    p_bench.add_argument("--scale", type=float, default=1.0,
+                         help="size factor (1: 64M elements, (2, 21, 512, 512) maps)")
+    p_bench.add_argument("--repeat", type=int, default=5, help="timed repeats (median)")
+    p_bench.add_argument("--threads", type=int, default=None, help="the 'all threads' count")
+    p_bench.add_argument("--no-peers", action="store_true", help="skip NumPy/PyTorch/JAX")
+    p_bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from . import _bench
+
+        return _bench.main(args)
     if args.command == "info":
         json.dump(info(), sys.stdout, indent=2, default=str)
         print()

@@ -26,16 +26,15 @@ _INT_TARGETS = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 _REDUCTIONS = ("none", "sum", "mean")
 
 
-@dataclass
-class BinaryCall:
-    """A validated binary call; arrays are native-endian, kernel dtypes."""
+@dataclass(kw_only=True)
+class _Call:
+    """What every loss's kernels take; arrays native-endian, kernel dtypes."""
 
-    shape: tuple
-    x: np.ndarray
+    shape: tuple             # the element (binary) or pixel (softmax) shape
+    x: object
     z: np.ndarray
     w: object
     m: object
-    pw: object
     from_logits: bool
     divergence: bool
     label_smoothing: float
@@ -48,30 +47,19 @@ class BinaryCall:
     gscale: float = 1.0      # multiplies every gradient element
 
 
-@dataclass
-class SoftmaxCall:
-    """A validated softmax call. `shape` is the pixel shape (logits without the
-    class axis); x, z (soft), grad have the class axis at `axis`."""
+@dataclass(kw_only=True)
+class BinaryCall(_Call):
+    pw: object = None
 
-    shape: tuple
-    x: np.ndarray
+
+@dataclass(kw_only=True)
+class SoftmaxCall(_Call):
+    """x, z (soft) and grad have the class axis at `axis`; `shape` lacks it."""
+
     axis: int
     classes: int
-    z: np.ndarray
     hard: bool               # z holds int64 class indices of the pixel shape
-    w: object
-    m: object
-    cw: object
-    from_logits: bool
-    divergence: bool
-    label_smoothing: float
-    scale: float
-    ignore_value: object
-    check: bool
-    threads: int
-    grad: object = None
-    loss_map: object = None
-    gscale: float = 1.0
+    cw: object = None
 
 
 def _flag(name, value):
@@ -556,19 +544,17 @@ def _softmax_precount(impl, call):
         return impl.count_valid(BinaryCall(shape=call.shape, z=call.z, m=call.m,
                                            scale=call.scale, ignore_value=call.ignore_value,
                                            **common))
-    ones = np.broadcast_to(np.zeros((), np.uint8), call.shape)
-    pixels = impl.count_valid(BinaryCall(shape=call.shape, z=ones, m=call.m, scale=1.0,
+    codes = np.broadcast_to(np.zeros((), np.uint8), call.shape)  # every pixel a valid code
+    pixels = impl.count_valid(BinaryCall(shape=call.shape, z=codes, m=call.m, scale=1.0,
                                          ignore_value=None, **common))
     if not call.check:
         return pixels
-    m = None if call.m is None else np.expand_dims(np.broadcast_to(call.m, call.shape), call.axis)
-    elements = impl.count_valid(BinaryCall(shape=call.x.shape, z=call.z, m=m, scale=call.scale,
+    # Walk the elements with the class axis last, so the first bad element
+    # belongs to the first bad pixel, as the fused pass reports it.
+    z = np.moveaxis(np.broadcast_to(call.z, call.x.shape), call.axis, -1)
+    m = None if call.m is None else np.broadcast_to(call.m, call.shape)[..., None]
+    elements = impl.count_valid(BinaryCall(shape=z.shape, z=z, m=m, scale=call.scale,
                                            ignore_value=None, **common))
-    # Report the pixel of the first bad element, as the fused pass does.
-    first = -1
-    if elements.bad:
-        idx = list(np.unravel_index(elements.first_bad, call.x.shape))
-        del idx[call.axis]
-        first = int(np.ravel_multi_index(idx, call.shape)) if call.shape else 0
+    first = elements.first_bad // call.classes if elements.bad else -1
     pixels.bad, pixels.first_bad = elements.bad, first
     return pixels

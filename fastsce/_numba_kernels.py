@@ -26,9 +26,10 @@ import functools
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from . import _numba_math as M
+from ._numba_math import jit
 from ._layout import BLOCK, make_plan
 from ._partials import combine
 from ._reference import DENOM_FLOOR, LOG_CLAMP
@@ -42,6 +43,8 @@ _MATH = {
     np.float32: (M.exp_neg_f32, M.log1p_unit_f32, M.log_f32),
     np.float64: (M.exp_neg_f64, M.log1p_unit_f64, M.log_f64),
 }
+_EXP_SCALED = {np.float32: (M.exp_neg_scaled_f32, np.int32),
+               np.float64: (M.exp_neg_scaled_f64, np.int64)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,10 +52,11 @@ def _element(from_logits, divergence, ftype):
     """Per-element (loss, dloss) of SPEC §1.1, before weight and mask."""
     exp_neg, log1p_unit, log = _MATH[ftype]
     F = ftype
+    key = f"{from_logits}-{divergence}-{ftype.__name__}"
     zero, half, one = F(0.0), F(0.5), F(1.0)
     clamp, floor = F(LOG_CLAMP), F(DENOM_FLOOR)
 
-    @njit(**_EXACT)
+    @jit(key, **_EXACT)
     def neg_entropy(z, zc):
         """z log z + zc log zc; the larger one's log is log1p(-smaller) (as C)."""
         small = z <= half
@@ -60,7 +64,7 @@ def _element(from_logits, divergence, ftype):
         lzc = log1p_unit(-z)[0] if small else log(zc)
         return (z * lz if z > zero else zero) + (zc * lzc if zc > zero else zero)
 
-    @njit(**_EXACT)
+    @jit(key, **_EXACT)
     def element(x, tf, sc, inv, keep, shift, a, w, gs):
         """(w * loss, w * dloss * gs) for logit/probability x and raw target tf."""
         z = tf * inv * keep + shift
@@ -98,9 +102,10 @@ def _segment(from_logits, divergence, ftype):
     """The contiguous inner loop: n elements of every present operand."""
     element = _element(from_logits, divergence, ftype)
     F = ftype
+    key = f"{from_logits}-{divergence}-{ftype.__name__}"
     zero, one = F(0.0), F(1.0)
 
-    @njit(fastmath=_ACC, **_OPTS)
+    @jit(key, fastmath=_ACC, **_OPTS)
     def segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs):
         # Per-call constants, rounded to the compute type once (as in C).
         sc = F(scale)
@@ -135,41 +140,59 @@ def _segment(from_logits, divergence, ftype):
     return segment
 
 
-@njit(**_OPTS)
+@jit(**_OPTS)
 def _count_segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs):
     """Count and check only (the pre-pass of a masked "mean" gradient)."""
     count = 0
     bad = 0
     sc = np.float64(scale)
     for i in range(n):
-        ti = t[i]
-        valid = True
-        if m is not None:
-            valid = m[i]
-        if ignore is not None:
-            valid = valid and ti != ignore
-        tf = np.float64(ti)
+        valid = _valid(m, t, i, ignore)
+        tf = np.float64(t[i])
         bad += valid and not (tf >= 0.0 and tf <= sc)
         count += valid
     return 0.0, count, bad
 
 
-@njit(**_OPTS)
+@jit(**_OPTS)
 def _first_bad(t, m, n, scale, ignore):
     """Index of the first counted target outside [0, scale] (rare path, scalar)."""
     for i in range(n):
-        valid = True
-        if m is not None:
-            valid = m[i]
-        if ignore is not None:
-            valid = valid and t[i] != ignore
         tf = np.float64(t[i])
-        if valid and not (tf >= 0.0 and tf <= scale):
+        if _valid(m, t, i, ignore) and not (tf >= 0.0 and tf <= scale):
             return i
     return -1
 
 
-@njit(**_OPTS)
+@jit(**_OPTS)
+def row_offsets(shape, offsets, strides, i):
+    """Element offsets of every slot at flat index i (C order), and i's column."""
+    ndim = shape.size
+    row = i // shape[ndim - 1]
+    col = i - row * shape[ndim - 1]
+    off = offsets.copy()
+    for s in range(off.size):
+        off[s] += col * strides[s, ndim - 1]
+    for d in range(ndim - 2, -1, -1):
+        idx = row % shape[d]
+        row //= shape[d]
+        for s in range(off.size):
+            off[s] += idx * strides[s, d]
+    return off, col
+
+
+@jit(**_OPTS)
+def _valid(m, t, i, ignore):
+    """Whether element i counts: its mask, and a target code other than `ignore`."""
+    ok = True
+    if m is not None:
+        ok = m[i]
+    if ignore is not None:
+        ok = ok and t[i] != ignore
+    return ok
+
+
+@jit(**_OPTS)
 def _view(flat, off, stride, n, buf):
     """The n elements of a row: an in-place slice if contiguous, else gathered."""
     if stride == 1:
@@ -179,7 +202,7 @@ def _view(flat, off, stride, n, buf):
     return buf[:n]
 
 
-@njit(**_OPTS)
+@jit(**_OPTS)
 def _out(flat, off, stride, n, buf):
     """Where a row's output goes: in place if contiguous, else scratch to scatter."""
     if stride == 1:
@@ -187,7 +210,7 @@ def _out(flat, off, stride, n, buf):
     return buf[:n]
 
 
-@njit(**_OPTS)
+@jit(**_OPTS)
 def _scatter(flat, off, stride, n, buf):
     if stride != 1:
         for k in range(n):
@@ -198,7 +221,7 @@ def _scatter(flat, off, stride, n, buf):
 def _driver(segment):
     """The parallel blocked walk over a strided iteration, around `segment`."""
 
-    @njit(parallel=True, cache=True, **_OPTS)
+    @jit(segment._uuid, parallel=True, cache=True, **_OPTS)
     def run(shape, group_size, x, t, w, m, pw, g, l, offsets, strides, scale, eps, ignore,
             gscale, part_loss, part_count, part_bad, part_first):
         ndim = shape.size
@@ -227,18 +250,8 @@ def _driver(segment):
             first = -1
             i = start
             while i < stop:
-                row = i // inner
-                col = i - row * inner
+                off, col = row_offsets(shape, offsets, strides, i)
                 n = min(inner - col, stop - i)
-                off = offsets.copy()
-                for s in range(off.size):
-                    off[s] += col * strides[s, ndim - 1]
-                r = row
-                for d in range(ndim - 2, -1, -1):
-                    idx = r % shape[d]
-                    r //= shape[d]
-                    for s in range(off.size):
-                        off[s] += idx * strides[s, d]
                 tv = _view(t, off[1], strides[1, ndim - 1], n, tb)
                 xv = None if x is None else _view(x, off[0], strides[0, ndim - 1], n, xb)
                 wv = None if w is None else _view(w, off[2], strides[2, ndim - 1], n, wb)

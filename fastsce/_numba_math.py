@@ -16,6 +16,22 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+
+def jit(key="", **options):
+    """njit with a stable identity, so Numba's disk cache hits in a new process.
+
+    A cached kernel's index key hashes the pickled contents of its closure;
+    dispatchers pickle with a UUID that is random per process, so a kernel
+    built by a factory (ours are) would miss the cache forever. Every
+    dispatcher here gets a UUID from its module, name and variant `key`.
+    """
+    def wrap(fn):
+        dispatcher = njit(**options)(fn)
+        dispatcher._set_uuid(f"fastsce:{fn.__module__}.{fn.__qualname__}:{key}")
+        return dispatcher
+
+    return wrap
+
 # ---------------------------------------------------------------- bit casts
 
 
@@ -30,6 +46,7 @@ def _bitcast(src, dst, dst_ir):
 
         return dst(src), codegen
 
+    cast._set_uuid(f"fastsce:bitcast:{src}->{dst}")  # stable, as `jit` (cache keys)
     return cast
 
 
@@ -54,17 +71,18 @@ _RSQRT2_32 = F32(0.707106781187)
 _RINT32 = F32(12582912.0)                  # 1.5 * 2^23: adding it rounds to an integer
 
 
-@njit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
-def exp_neg_f32(x):
-    """exp(x) for x <= 0 (and NaN); 0 below the subnormal range."""
+@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+def exp_neg_scaled_f32(x, shift):
+    """exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding:
+    a shift keeps a result that would be subnormal at full precision."""
     p0, p1, p2, p3, p4, p5 = _E32_P
-    x = F32(-104.0) if x < F32(-104.0) else x   # exp(-104) rounds to 0; NaN stays
+    x = F32(-150.0) if x < F32(-150.0) else x   # exp(-150) * 2^64 rounds to 0; NaN stays
     k = (x * _E32_LOG2E + _RINT32) - _RINT32     # round to nearest, no libm call
     k = k if k == k else F32(0.0)                # keep the int conversion defined
     r = (x - k * _E32_LN2HI) - k * _E32_LN2LO
     r2 = r * r
     p = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * r2 + r + F32(1.0)
-    ki = np.int32(k)
+    ki = np.int32(np.int32(k) + shift)
     k1 = np.int32(ki >> 1)                       # 2^k as two factors: no overflow
     k2 = np.int32(ki - k1)                       # of the exponent for subnormals
     s1 = bits_f32(np.int32((k1 + 127) << 23))
@@ -72,7 +90,13 @@ def exp_neg_f32(x):
     return p * s1 * s2
 
 
-@njit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+def exp_neg_f32(x):
+    """exp(x) for x <= 0 (and NaN); 0 below the subnormal range."""
+    return exp_neg_scaled_f32(x, np.int32(0))
+
+
+@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
 def log_reduced_f32(f, k):
     """log(2^k * (1 + f)) for 1 + f in [sqrt(2)/2, sqrt(2)) (fdlibm's kernel)."""
     g1, g2, g3, g4 = _L32_LG
@@ -84,7 +108,7 @@ def log_reduced_f32(f, k):
     return s * (hfsq + r) + k * _L32_LN2LO - hfsq + f + k * _L32_LN2HI
 
 
-@njit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
 def log1p_unit_f32(e):
     """(log1p(e), 1/(1+e)) for e in [-0.5, 1] (and NaN)."""
     u = F32(1.0) + e
@@ -97,7 +121,7 @@ def log1p_unit_f32(e):
     return log_reduced_f32(f, k) + (e - (u - F32(1.0))) * inv, inv
 
 
-@njit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
 def log_f32(u):
     """log(u) for any float32 u: -inf at 0, NaN below 0, subnormals exact."""
     tiny = u < F32(1.1754944e-38)
@@ -128,9 +152,9 @@ _RSQRT2_64 = 0.7071067811865476
 _RINT64 = 6755399441055744.0                # 1.5 * 2^52
 
 
-@njit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
-def exp_neg_f64(x):
-    """exp(x) for x <= 0 (and NaN); 0 below the subnormal range."""
+@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+def exp_neg_scaled_f64(x, shift):
+    """exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding."""
     p1, p2, p3, p4, p5 = _E64_P
     x = -746.0 if x < -746.0 else x
     k = (x * _E64_LOG2E + _RINT64) - _RINT64
@@ -141,13 +165,19 @@ def exp_neg_f64(x):
     t = r * r
     c = r - t * (p1 + t * (p2 + t * (p3 + t * (p4 + t * p5))))
     p = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
-    ki = np.int64(k)
+    ki = np.int64(k) + shift
     k1 = ki >> 1
     k2 = ki - k1
     return p * bits_f64((k1 + 1023) << 52) * bits_f64((k2 + 1023) << 52)
 
 
-@njit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+def exp_neg_f64(x):
+    """exp(x) for x <= 0 (and NaN); 0 below the subnormal range."""
+    return exp_neg_scaled_f64(x, np.int64(0))
+
+
+@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
 def log_reduced_f64(f, k):
     """log(2^k * (1 + f)) for 1 + f in [sqrt(2)/2, sqrt(2)) (fdlibm's kernel)."""
     g1, g2, g3, g4, g5, g6, g7 = _L64_LG
@@ -159,7 +189,7 @@ def log_reduced_f64(f, k):
     return s * (hfsq + r) + k * _E64_LN2LO - hfsq + f + k * _E64_LN2HI
 
 
-@njit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
 def log1p_unit_f64(e):
     """(log1p(e), 1/(1+e)) for e in [-0.5, 1] (and NaN)."""
     u = 1.0 + e
@@ -171,7 +201,7 @@ def log1p_unit_f64(e):
     return log_reduced_f64(f, k) + (e - (u - 1.0)) * inv, inv
 
 
-@njit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
 def log_f64(u):
     """log(u) for any float64 u: -inf at 0, NaN below 0, subnormals exact."""
     tiny = u < 2.2250738585072014e-308

@@ -8,10 +8,12 @@ Design
   gathered into a [C][tile] scratch first, so every layout runs the same
   class-outer, pixel-inner loops: they vectorize across pixels, and NCHW and
   NHWC give bitwise the same numbers.
-* Per tile, four passes over data in cache: (1) max over classes; (2) exp,
-  and the per-pixel sums s = sum e, W = sum w z, A = sum w z (m - x) in
-  float64 (so the loss A + W log s keeps full relative precision); (3) the
-  per-pixel loss; (4) the gradient W e / s - w z. Each logit and target is
+* Per tile, four passes over data in cache: (1) max over classes and the
+  first class reaching it; (2) exp(x - m) (with the rounding of x - m put
+  back, TwoSum) and the per-pixel float64 sums r = sum of the other classes'
+  exps, W = sum w z, A = sum w z (m - x); (3) the per-pixel loss
+  A + W log1p(r), every term non-negative, so full relative precision even
+  for a dominant class; (4) the gradient W e / (1 + r) - w z. Each logit and target is
   read from memory once, each gradient element written once.
 * Blocks of BLOCK pixels; each block keeps its pixel losses in a buffer and
   sums it in one fixed loop, so the total does not depend on how rows were
@@ -20,70 +22,98 @@ Design
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from . import _numba_math as M
+from ._numba_math import jit
 from ._layout import BLOCK
-from ._numba_kernels import _ACC, _EXACT, _MATH, _OPTS, _out, _scatter, _view
+from ._numba_kernels import _ACC, _EXACT, _EXP_SCALED, _MATH, _OPTS, _out, _scatter, _view, row_offsets
 from ._reference import DENOM_FLOOR, LOG_CLAMP
+
+_TWO_M64 = 2.0 ** -64
 
 
 @functools.lru_cache(maxsize=None)
 def _tile(from_logits, divergence, hard, ftype):
     """Loss and gradient of n pixels; x, z, g as (array, offset, class stride)."""
-    exp_neg, _, log = _MATH[ftype]
+    _, _, log = _MATH[ftype]
+    exp_scaled, I = _EXP_SCALED[ftype]
     F = ftype
+    key = f"{from_logits}-{divergence}-{hard}-{ftype.__name__}"
+    single = ftype is np.float32
     zero, one = F(0.0), F(1.0)
     clamp, floor = F(LOG_CLAMP), F(DENOM_FLOOR)
 
-    @njit(**_EXACT)
+    @jit(key, **_EXACT)
     def target(z, zo, zcs, k, p, inv, keep, shift):
         """z_k of pixel p, scaled and smoothed."""
         if hard:
             return (keep if z[p] == k else zero) + shift
         return F(z[zo + k * zcs + p]) * inv * keep + shift
 
-    @njit(**_EXACT)
+    @jit(key, **_EXACT)
     def class_terms(v, mx, zv, cwk):
-        """(e, w z, w z (lse - x) without the log s part, w z log z) of one class."""
+        """(e, e as float64, w z, w z (m - x), w z log z) of one class."""
         wz = cwk * zv
+        e = zero
+        e64 = 0.0
         if from_logits:
             d = zero if v == mx else v - mx       # x = m = +inf: the limit, d = 0
-            e = exp_neg(d)
+            # TwoSum: err is what rounding x - m lost; exp(d + err) = e (1 + err)
+            # keeps a far-below-max class's probability to the last bits.
+            bb = d - v
+            err = (v - (d - bb)) + (-mx - bb)
+            err = err if err == err else zero
+            # A float32 exp below ~e^-87 is subnormal and loses bits; take it
+            # 2^64 larger for the float64 sum and scale only the stored value.
+            low = single and d < F(-80.0)
+            e = exp_scaled(d, I(64) if low else I(0))
+            e = e + e * err
+            e64 = np.float64(e) * (_TWO_M64 if low else 1.0)
+            e = e * F(_TWO_M64) if low else e
             a = zero if wz == zero else wz * -d
         else:
-            e = zero
             lc = log(v)
             lc = clamp if lc < clamp else lc
             a = zero if wz == zero else -(wz * lc)
         h = zero
         if divergence:
             h = zero if wz == zero else wz * log(zv)
-        return e, wz, a, h
+        return e, e64, wz, a, h
 
-    @njit(**_EXACT)
+    @jit(key, **_EXACT)
     def class_grad(v, ev, wf, isf, wz, fac):
         if from_logits:
             return (wf * (ev * isf) - wz) * fac
         den = v if v > floor else floor
         return (-wz / den) * fac
 
-    @njit(fastmath=_ACC, **_OPTS)
+    @jit(key, **_EXACT)
+    def log1p_pos(r):
+        """log1p(r) for r >= 0 in float64."""
+        return M.log1p_unit_f64(r)[0] if r <= 1.0 else M.log_f64(1.0 + r)
+
+    @jit(key, fastmath=_ACC, **_OPTS)
     def tile(x, xo, xcs, z, zo, zcs, w, m, g, go, gcs, l, n, C, cw, scale, eps, ignore,
-             gs, e, tsz, mx, s, W, A, H, valid, lbuf, lo):
+             gs, e, tsz, mx, am, s, W, A, H, valid, lbuf, lo):
         sc = F(scale)
         inv = F(1.0 / scale)
         keep = F(1.0 - eps)
         shift = F(eps / C)
-        # (1) max over classes
+        # (1) max over classes and its first class
+        for p in range(n):
+            am[p] = 0
         if from_logits:
             for p in range(n):
                 mx[p] = x[xo + p]
             for k in range(1, C):
                 xk = x[xo + k * xcs: xo + k * xcs + n]
                 for p in range(n):
-                    mx[p] = xk[p] if xk[p] > mx[p] else mx[p]
-        # (2) per-class terms, summed per pixel in float64
+                    up = xk[p] > mx[p]
+                    mx[p] = xk[p] if up else mx[p]
+                    am[p] = k if up else am[p]
+        # (2) per-class terms, summed per pixel in float64; s sums the classes
+        # other than the first max (whose exp is 1), so log(1 + s) = log1p(s).
         for p in range(n):
             s[p] = 0.0
             W[p] = 0.0
@@ -95,9 +125,9 @@ def _tile(from_logits, divergence, hard, ftype):
             cwk = one if cw is None else cw[k]
             for p in range(n):
                 zv = target(z, zo, zcs, k, p, inv, keep, shift)
-                ev, wz, a, h = class_terms(xk[p], mx[p], zv, cwk)
+                ev, e64, wz, a, h = class_terms(xk[p], mx[p], zv, cwk)
                 ek[p] = ev
-                s[p] += np.float64(ev)
+                s[p] += 0.0 if k == am[p] else e64
                 W[p] += np.float64(wz)
                 A[p] += np.float64(a)
                 H[p] += np.float64(h)
@@ -114,7 +144,7 @@ def _tile(from_logits, divergence, hard, ftype):
                 bad += ok and not (z[p] >= 0 and z[p] < C)
             loss64 = A[p] + H[p]
             if from_logits:
-                loss64 += 0.0 if W[p] == 0.0 else W[p] * M.log_f64(s[p])
+                loss64 += 0.0 if W[p] == 0.0 else W[p] * log1p_pos(s[p])
             loss = F(loss64)
             wp = one if w is None else w[p]
             loss = loss * wp if ok else zero
@@ -123,7 +153,7 @@ def _tile(from_logits, divergence, hard, ftype):
                 l[p] = loss
             count += ok
             valid[p] = ok
-            s[p] = 1.0 / s[p]
+            s[p] = 1.0 / (1.0 + s[p])
             H[p] = wp * F(gs)
         if not hard:
             for k in range(C):
@@ -146,21 +176,21 @@ def _tile(from_logits, divergence, hard, ftype):
     return tile
 
 
-@njit(**_OPTS)
+@jit(**_OPTS)
 def _gather_classes(flat, off, pstride, cstride, n, C, buf, tsz):
     for k in range(C):
         for p in range(n):
             buf[k * tsz + p] = flat[off + k * cstride + p * pstride]
 
 
-@njit(**_OPTS)
+@jit(**_OPTS)
 def _scatter_classes(flat, off, pstride, cstride, n, C, buf, tsz):
     for k in range(C):
         for p in range(n):
             flat[off + k * cstride + p * pstride] = buf[k * tsz + p]
 
 
-@njit(**_OPTS)
+@jit(**_OPTS)
 def _first_bad_pixel(valid, z, zo, zcs, n, C, scale, hard):
     """First pixel of a tile with a bad target (rare path, scalar)."""
     for p in range(n):
@@ -177,7 +207,7 @@ def _first_bad_pixel(valid, z, zo, zcs, n, C, scale, hard):
     return -1
 
 
-@njit(fastmath=_ACC, **_OPTS)
+@jit(fastmath=_ACC, **_OPTS)
 def _block_sum(buf, n):
     total = 0.0
     for i in range(n):
@@ -189,7 +219,7 @@ def _block_sum(buf, n):
 def _driver(from_logits, divergence, hard, ftype):
     tile = _tile(from_logits, divergence, hard, ftype)
 
-    @njit(parallel=True, cache=True, **_OPTS)
+    @jit(tile._uuid, parallel=True, cache=True, **_OPTS)
     def run(shape, group_size, C, tsz, x, z, w, m, g, l, offsets, strides, cstrides, cw,
             scale, eps, ignore, gscale, part_loss, part_count, part_bad, part_first):
         ndim = shape.size
@@ -209,6 +239,7 @@ def _driver(from_logits, divergence, hard, ftype):
             mb = None if m is None else np.empty(tsz, m.dtype)
             lb = None if l is None else np.empty(tsz, l.dtype)
             mx = np.empty(tsz, x.dtype)
+            am = np.empty(tsz, np.int64)
             s = np.empty(tsz)
             W = np.empty(tsz)
             A = np.empty(tsz)
@@ -220,18 +251,8 @@ def _driver(from_logits, divergence, hard, ftype):
             first = -1
             i = start
             while i < stop:
-                row = i // inner
-                col = i - row * inner
+                off, col = row_offsets(shape, offsets, strides, i)
                 n = min(inner - col, stop - i, tsz)
-                off = offsets.copy()
-                for sl in range(off.size):
-                    off[sl] += col * strides[sl, ndim - 1]
-                r = row
-                for d in range(ndim - 2, -1, -1):
-                    idx = r % shape[d]
-                    r //= shape[d]
-                    for sl in range(off.size):
-                        off[sl] += idx * strides[sl, d]
                 # class-shaped operands: in place if pixels are contiguous, else gathered
                 xa, xo, xcs = x, off[0], cstrides[0]
                 if strides[0, ndim - 1] != 1:
@@ -252,7 +273,7 @@ def _driver(from_logits, divergence, hard, ftype):
                 mv = None if m is None else _view(m, off[3], strides[3, ndim - 1], n, mb)
                 lv = None if l is None else _out(l, off[6], strides[6, ndim - 1], n, lb)
                 c, bd = tile(xa, xo, xcs, za, zo, zcs, wv, mv, ga, go, gcs, lv, n, C, cw,
-                             scale, eps, ignore, gscale[grp], e, tsz, mx, s, W, A, H, valid,
+                             scale, eps, ignore, gscale[grp], e, tsz, mx, am, s, W, A, H, valid,
                              lbuf, i - start)
                 if g is not None and strides[5, ndim - 1] != 1:
                     _scatter_classes(g, off[5], strides[5, ndim - 1], cstrides[5], n, C, gb, tsz)

@@ -163,19 +163,33 @@ def softmax_elementwise(call):
     with np.errstate(all="ignore"):
         if call.from_logits:
             m = np.max(x, axis=-1, keepdims=True)
-            # x == m gives d = 0 also for x = m = +inf (the limit, SPEC §2).
+            e = softmax_exps(x, m)
+            # s = 1 + r, r the other classes' exps (first argmax excluded), and
+            # log s = log1p(r): a dominant class keeps the small loss exactly.
+            first = np.argmax(x, axis=-1)[..., None] == np.arange(x.shape[-1])
+            r = np.sum(np.where(first, 0.0, e), axis=-1)
             d = np.where(x == m, 0.0, x - m)
-            e = np.exp(d)
-            s = np.sum(e, axis=-1, keepdims=True)
             # Each term wz*((m - x) + log s) is non-negative: full relative precision.
-            loss = np.sum(_times(wz, -d), axis=-1) + np.sum(wz, axis=-1) * np.log(s[..., 0])
-            dloss = np.sum(wz, axis=-1, keepdims=True) * (e / s) - wz
+            loss = np.sum(_times(wz, -d), axis=-1) + np.sum(wz, axis=-1) * np.log1p(r)
+            dloss = np.sum(wz, axis=-1, keepdims=True) * (e / (1 + r[..., None])) - wz
         else:
             loss = -np.sum(_times(wz, clog(x)), axis=-1)
             dloss = -wz / np.maximum(x, DENOM_FLOOR)
         if call.divergence:
             loss = loss + np.sum(_times(wz, np.log(np.where(z > 0, z, 1.0))), axis=-1)
     return raw, loss, dloss
+
+
+def softmax_exps(x, m):
+    """exp(x - m) with the rounding of x - m put back (TwoSum), so a class far
+    below the maximum keeps its probability's low bits; x == m gives 1 even
+    for m = +inf (the limit, SPEC §2)."""
+    d = np.where(x == m, 0.0, x - m)
+    bb = d - x
+    err = (x - (d - bb)) + (-m - bb)
+    err = np.where(np.isnan(err), 0.0, err)
+    e = np.exp(d)
+    return e + e * err
 
 
 def softmax(call):

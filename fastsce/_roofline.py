@@ -1,0 +1,42 @@
+"""Memory-bandwidth rooflines: parallel kernels that move a workload's bytes
+without computing, so "fraction of the roofline" says how close a loss
+kernel gets to what the machine's memory allows. Numba, parallel."""
+import numpy as np
+from numba import prange
+
+from ._numba_math import jit
+
+_CHUNK = 1 << 16
+
+
+@jit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def read2_write1(a, b, out):
+    """Read a and b, write out (what a fused loss + gradient moves)."""
+    n = a.size
+    chunks = (n + _CHUNK - 1) // _CHUNK
+    parts = np.zeros(chunks)
+    for c in prange(chunks):
+        lo = c * _CHUNK
+        hi = min(lo + _CHUNK, n)
+        s = 0.0
+        for i in range(lo, hi):
+            out[i] = a[i]
+            s += np.float64(b[i])
+        parts[c] = s
+    return parts.sum()
+
+
+@jit(parallel=True, nogil=True, cache=True, fastmath={"reassoc", "nsz"})
+def read2(a, b):
+    """Read a and b (what a loss-only pass moves)."""
+    n = a.size
+    chunks = (n + _CHUNK - 1) // _CHUNK
+    parts = np.zeros(chunks)
+    for c in prange(chunks):
+        lo = c * _CHUNK
+        hi = min(lo + _CHUNK, n)
+        s = 0.0
+        for i in range(lo, hi):
+            s += np.float64(a[i]) + np.float64(b[i])
+        parts[c] = s
+    return parts.sum()

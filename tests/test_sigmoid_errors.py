@@ -1,0 +1,225 @@
+"""Every bad argument raises the documented exception, naming the argument,
+before anything is written (SPEC §2, §4).  Every backend raises the same
+exception as the reference."""
+import re
+
+import numpy as np
+import pytest
+
+import fastsce
+
+SENTINEL = 12345.0
+
+
+def sce(*args, **kwargs):
+    return fastsce.sigmoid_cross_entropy(*args, **kwargs)
+
+
+def case(shape=(4, 9), dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * 3).astype(dtype), rng.random(shape).astype(dtype)
+
+
+def sentinel_out(shape=(4, 9), dtype=np.float64):
+    return np.full(shape, SENTINEL, dtype)
+
+
+def raises_untouched(backend, exc_types, match, x, z, **kw):
+    """Call with a sentinel-filled ``out``; check the error and that out is intact."""
+    out = sentinel_out(x.shape, x.dtype)
+    with pytest.raises(exc_types, match=match) as info:
+        sce(x, z, out=out, backend=backend, **kw)
+    assert isinstance(info.value, fastsce.FastSCEError)
+    np.testing.assert_array_equal(out, SENTINEL)
+    return info.value
+
+
+# (id, expected exception, regex the message must contain, kwargs/operands)
+BAD_OPTIONS = [
+    ("weight-negative", ValueError, r"`?weight`?", dict(weight=-0.5)),
+    ("weight-negative-array", ValueError, r"weight", dict(weight=np.array([1.0] * 8 + [-1.0]))),
+    ("weight-nan", ValueError, r"weight", dict(weight=np.array([1.0] * 8 + [np.nan]))),
+    ("pos_weight-negative", ValueError, r"pos_weight", dict(pos_weight=-2.0)),
+    ("label_smoothing-negative", ValueError, r"label_smoothing", dict(label_smoothing=-0.1)),
+    ("label_smoothing-above-1", ValueError, r"label_smoothing", dict(label_smoothing=1.5)),
+    ("divergence-pos_weight", ValueError, r"pos_weight|divergence",
+     dict(divergence=True, pos_weight=2.0)),
+    ("num_threads-0", ValueError, r"num_threads", dict(num_threads=0)),
+    ("num_threads-negative", ValueError, r"num_threads", dict(num_threads=-3)),
+    ("mask-float", TypeError, r"mask", dict(mask=np.ones((4, 9)))),
+    ("mask-int", TypeError, r"mask", dict(mask=np.ones((4, 9), np.int8))),
+    ("ignore_value-float-targets", ValueError, r"ignore_value", dict(ignore_value=0)),
+    ("reduction-unknown", ValueError, r"reduction", dict(reduction="avg")),
+    ("backend-unknown", ValueError, r"backend", dict(backend="cuda")),
+    ("weight-shape", ValueError, r"weight", dict(weight=np.ones((3, 1)))),
+    ("mask-shape", ValueError, r"mask", dict(mask=np.ones((5,), bool))),
+    ("pos_weight-shape", ValueError, r"pos_weight", dict(pos_weight=np.ones((2, 9)))),
+]
+
+
+@pytest.mark.parametrize("exc,match,kw", [c[1:] for c in BAD_OPTIONS],
+                         ids=[c[0] for c in BAD_OPTIONS])
+def test_bad_options(backend, exc, match, kw):
+    x, z = case()
+    kw = dict(kw)
+    if kw.get("backend"):
+        # the unknown backend is the thing under test here
+        out = sentinel_out()
+        with pytest.raises(exc, match=match):
+            sce(x, z, out=out, **kw)
+        np.testing.assert_array_equal(out, SENTINEL)
+        return
+    raises_untouched(backend, exc, match, x, z, **kw)
+
+
+def test_shape_mismatch_names_both_shapes(backend):
+    x, _ = case((2, 3, 4))
+    z = np.full((2, 5, 4), 0.5)
+    err = raises_untouched(backend, ValueError, "targets", x, z)
+    assert "(2, 5, 4)" in str(err) and "(2, 3, 4)" in str(err), str(err)
+    # targets may broadcast to logits, never the other way round
+    z2 = np.full((3, 2, 3, 4), 0.5)
+    err = raises_untouched(backend, ValueError, "targets", x, z2)
+    assert "(3, 2, 3, 4)" in str(err) and "(2, 3, 4)" in str(err), str(err)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.complex128, np.bool_, object],
+                         ids=["int32", "int64", "complex128", "bool", "object"])
+def test_unsupported_logits_dtype(backend, dtype):
+    x = np.zeros((4, 9), dtype=dtype)
+    z = np.full((4, 9), 0.5)
+    out = sentinel_out()
+    with pytest.raises(TypeError, match=re.escape(np.dtype(dtype).name)) as info:
+        sce(x, z, out=out, backend=backend)
+    assert "logits" in str(info.value)
+    assert isinstance(info.value, fastsce.FastSCEError)
+    np.testing.assert_array_equal(out, SENTINEL)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int8, np.uint32, np.complex64],
+                         ids=["int32", "int8", "uint32", "complex64"])
+def test_unsupported_targets_dtype(backend, dtype):
+    x, _ = case()
+    z = np.zeros((4, 9), dtype=dtype)
+    err = raises_untouched(backend, TypeError, re.escape(np.dtype(dtype).name), x, z)
+    assert "targets" in str(err)
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype-int", "read-only", "not-an-array"])
+def test_bad_out(backend, bad):
+    x, z = case()
+    if bad == "shape":
+        out, exc = np.full((9, 4), SENTINEL), ValueError
+    elif bad == "dtype-int":
+        out, exc = np.full((4, 9), 7, np.int64), TypeError
+    elif bad == "read-only":
+        out, exc = np.full((4, 9), SENTINEL), ValueError
+        out.flags.writeable = False
+    else:
+        out, exc = [[0.0] * 9] * 4, TypeError
+    before = np.array(out, copy=True)
+    with pytest.raises(exc, match="out") as info:
+        sce(x, z, out=out, backend=backend)
+    assert isinstance(info.value, fastsce.FastSCEError)
+    np.testing.assert_array_equal(np.asarray(out), before)
+
+
+def test_bad_loss_out(backend):
+    x, z = case()
+    for loss_out, exc in ((np.full((4, 8), SENTINEL), ValueError),
+                          (np.full((4, 9), 3, np.int32), TypeError)):
+        before = loss_out.copy()
+        with pytest.raises(exc, match="loss_out"):
+            sce(x, z, reduction="none", loss_out=loss_out, backend=backend)
+        np.testing.assert_array_equal(loss_out, before)
+
+
+@pytest.mark.parametrize("overlap", ["targets", "weight", "logits-reversed",
+                                     "logits-partial", "out-is-loss_out"])
+def test_out_overlapping_an_input(backend, overlap):
+    x, z = case()
+    w = np.ones((4, 9))
+    kw = {}
+    if overlap == "targets":
+        out = z
+    elif overlap == "weight":
+        out = w
+        kw["weight"] = w
+    elif overlap == "logits-reversed":
+        out = x[::-1]
+    elif overlap == "logits-partial":
+        big = np.concatenate([x.ravel(), x.ravel()])
+        x = big[:36].reshape(4, 9)
+        out = big[9:45].reshape(4, 9)
+    else:
+        out = np.full((4, 9), SENTINEL)
+        kw["loss_out"] = out
+        kw["reduction"] = "none"
+    xs, zs, ws = x.copy(), z.copy(), w.copy()
+    with pytest.raises(ValueError, match="out"):
+        sce(x, z, out=out, backend=backend, **kw)
+    np.testing.assert_array_equal(x, xs)
+    np.testing.assert_array_equal(z, zs)
+    np.testing.assert_array_equal(w, ws)
+
+
+def test_target_out_of_range_names_count_and_first_index(backend):
+    x, z = case()
+    bad = [(1, 4), (2, 0), (3, 8)]
+    z[1, 4] = 1.5
+    z[2, 0] = -0.25
+    z[3, 8] = np.nan
+    with pytest.raises(ValueError, match="targets") as info:
+        sce(x, z, backend=backend)
+    msg = str(info.value)
+    assert isinstance(info.value, fastsce.FastSCEError)
+    assert re.search(r"\b3\b", msg), msg
+    flat = np.ravel_multi_index(bad[0], x.shape)
+    assert re.search(r"\(1, 4\)", msg) or re.search(rf"\b{flat}\b", msg), msg
+
+
+def test_target_errors_are_element_wise_exclusions(backend):
+    x, z = case()
+    z[0, 0] = 2.0
+    mask = np.ones(x.shape, bool)
+    mask[0, 0] = False
+    sce(x, z, mask=mask, backend=backend)  # a masked-out bad target is not an error
+    res = sce(x, z, check=False, backend=backend)  # check=False: no error
+    assert res.grad.shape == x.shape
+    # integer codes: with target_scale 100, code 150 is 1.5
+    t = np.full(x.shape, 50, np.uint8)
+    t[2, 3] = 150
+    with pytest.raises(ValueError, match=r"(?s)targets.*\b1\b"):
+        sce(x, t, target_scale=100, backend=backend)
+    sce(x, t, target_scale=100, ignore_value=150, backend=backend)  # ignored code: fine
+
+
+def test_in_place_target_error_leaves_logits(backend):
+    x, z = case()
+    z[2, 5] = 1.01
+    x_before = x.copy()
+    with pytest.raises(ValueError, match="targets"):
+        sce(x, z, out=x, backend=backend)
+    np.testing.assert_array_equal(x, x_before)
+
+
+def test_unavailable_backend_raises_with_reason():
+    info = fastsce.info()["backends"]
+    missing = [n for n, rec in info.items() if not rec["available"]]
+    if missing:
+        name = missing[0]
+        with pytest.raises(fastsce.BackendUnavailableError) as exc:
+            sce(np.zeros(2), np.zeros(2), backend=name)
+        assert isinstance(exc.value, RuntimeError)
+        assert info[name]["reason"] in str(exc.value)
+    # The subprocess form (numba blocked) is in test_sigmoid_api.test_works_without_numba.
+    assert issubclass(fastsce.BackendUnavailableError, RuntimeError)
+    assert issubclass(fastsce.BackendUnavailableError, fastsce.FastSCEError)
+
+
+def test_exception_hierarchy():
+    assert issubclass(fastsce.FastSCEError, Exception)
+    with pytest.raises(fastsce.FastSCEError):
+        sce(np.zeros(2), np.zeros(3))
+    with pytest.raises(fastsce.FastSCEError):
+        sce(np.zeros(2, np.int32), np.zeros(2))
