@@ -58,7 +58,7 @@ typedef tile_sums (*tile_fn)(const tile_args *);
 #define IS_HARD(T) IS_HARD_##T
 
 /* log1p(r) for r >= 0 in float64. */
-static inline double log1p_pos_f64(double r)
+MATH_INLINE double log1p_pos_f64(double r)
 {
     double iu;
     return r <= 1.0 ? log1p_unit_f64(r, &iu) : log_f64(1.0 + r);

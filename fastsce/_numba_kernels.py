@@ -26,7 +26,8 @@ import functools
 
 import numba
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from . import _numba_math as M
 from ._numba_math import jit
@@ -36,9 +37,11 @@ from ._reference import DENOM_FLOOR, LOG_CLAMP
 
 _ACC = {"reassoc", "nsz"}
 _OPTS = dict(nogil=True, error_model="numpy")
-# Helpers say fastmath=False explicitly: a callee compiled from a fast-math
-# kernel would otherwise inherit its flags (and fold the rounding tricks).
-_EXACT = dict(_OPTS, fastmath=False)
+# Element code says fastmath=False explicitly (a callee compiled from a
+# fast-math caller would inherit its flags and fold the rounding tricks) and
+# is inlined at IR level, so each loop is one function LLVM vectorizes. Only
+# `_sum64` reassociates, so that the float64 sum vectorizes too.
+_EXACT = dict(_OPTS, fastmath=False, inline="always")
 _MATH = {
     np.float32: (M.exp_neg_f32, M.log1p_unit_f32, M.log_f32),
     np.float64: (M.exp_neg_f64, M.log1p_unit_f64, M.log_f64),
@@ -105,15 +108,14 @@ def _segment(from_logits, divergence, ftype):
     key = f"{from_logits}-{divergence}-{ftype.__name__}"
     zero, one = F(0.0), F(1.0)
 
-    @jit(key, fastmath=_ACC, **_OPTS)
-    def segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs):
+    @jit(key, fastmath=False, **_OPTS)
+    def segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs, losses):
         # Per-call constants, rounded to the compute type once (as in C).
         sc = F(scale)
         inv = F(1.0 / scale)
         keep = F(1.0 - eps)
         shift = F(eps * 0.5)
         gsf = F(gs)
-        total = 0.0
         count = 0
         bad = 0
         for i in range(n):
@@ -129,19 +131,19 @@ def _segment(from_logits, divergence, ftype):
             wi = one if w is None else w[i]
             loss, dloss = element(x[i], tf, sc, inv, keep, shift, a, wi, gsf)
             loss = loss if valid else zero
-            total += np.float64(loss)
+            losses[i] = loss
             count += valid
             if g is not None:
                 g[i] = dloss if valid else zero
             if l is not None:
                 l[i] = loss
-        return total, count, bad
+        return _sum64(losses, n), count, bad
 
     return segment
 
 
 @jit(**_OPTS)
-def _count_segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs):
+def _count_segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs, losses):
     """Count and check only (the pre-pass of a masked "mean" gradient)."""
     count = 0
     bad = 0
@@ -152,6 +154,15 @@ def _count_segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs):
         bad += valid and not (tf >= 0.0 and tf <= sc)
         count += valid
     return 0.0, count, bad
+
+
+@jit(fastmath=_ACC, **_OPTS)
+def _sum64(values, n):
+    """Float64 sum of values[:n], reassociated so that it vectorizes."""
+    total = 0.0
+    for i in range(n):
+        total += np.float64(values[i])
+    return total
 
 
 @jit(**_OPTS)
@@ -192,29 +203,63 @@ def _valid(m, t, i, ignore):
     return ok
 
 
-@jit(**_OPTS)
-def _view(flat, off, stride, n, buf):
+# Helpers on an operand that may be absent (None). They are dispatched on the
+# operand's type with @overload, so an absent one compiles to None and a
+# present one to the array path: a branch on `a is None` would type the
+# result Optional and keep the inner loops from vectorizing.
+
+
+def _by_type(present, absent):
+    """A function whose jitted form is `present` for arrays, `absent` for None."""
+    def dispatch(a, *args):
+        return absent(a, *args) if a is None else present(a, *args)
+
+    @overload(dispatch, jit_options=_OPTS)
+    def _typed(a, *args):
+        return absent if isinstance(a, types.NoneType) else present
+
+    return dispatch
+
+
+def _absent(a, *args):
+    return None
+
+
+# (Overloads need the typing function's exact `(a, *args)` signature.)
+def _scratch_present(a, *args):
+    (size,) = args
+    return np.empty(size, a.dtype)
+
+
+def _view_present(a, *args):
     """The n elements of a row: an in-place slice if contiguous, else gathered."""
+    off, stride, n, buf = args
     if stride == 1:
-        return flat[off:off + n]
+        return a[off:off + n]
     for k in range(n):
-        buf[k] = flat[off + k * stride]
+        buf[k] = a[off + k * stride]
     return buf[:n]
 
 
-@jit(**_OPTS)
-def _out(flat, off, stride, n, buf):
+def _out_present(a, *args):
     """Where a row's output goes: in place if contiguous, else scratch to scatter."""
+    off, stride, n, buf = args
     if stride == 1:
-        return flat[off:off + n]
+        return a[off:off + n]
     return buf[:n]
 
 
-@jit(**_OPTS)
-def _scatter(flat, off, stride, n, buf):
+def _scatter_present(a, *args):
+    off, stride, n, buf = args
     if stride != 1:
         for k in range(n):
-            flat[off + k * stride] = buf[k]
+            a[off + k * stride] = buf[k]
+
+
+_scratch = _by_type(_scratch_present, _absent)
+_view = _by_type(_view_present, _absent)
+_out = _by_type(_out_present, _absent)
+_scatter = _by_type(_scatter_present, _absent)
 
 
 @functools.lru_cache(maxsize=None)
@@ -238,12 +283,13 @@ def _driver(segment):
             stop = min(start + BLOCK, (grp + 1) * group_size)
             gs = gscale[grp]
             tb = np.empty(size, t.dtype)
-            xb = None if x is None else np.empty(size, x.dtype)
-            wb = None if w is None else np.empty(size, w.dtype)
-            mb = None if m is None else np.empty(size, m.dtype)
-            pb = None if pw is None else np.empty(size, pw.dtype)
-            gb = None if g is None else np.empty(size, g.dtype)
-            lb = None if l is None else np.empty(size, l.dtype)
+            xb = _scratch(x, size)
+            wb = _scratch(w, size)
+            mb = _scratch(m, size)
+            pb = _scratch(pw, size)
+            gb = _scratch(g, size)
+            lb = _scratch(l, size)
+            losses = _scratch(x, BLOCK)
             total = 0.0
             count = 0
             bad = 0
@@ -253,18 +299,16 @@ def _driver(segment):
                 off, col = row_offsets(shape, offsets, strides, i)
                 n = min(inner - col, stop - i)
                 tv = _view(t, off[1], strides[1, ndim - 1], n, tb)
-                xv = None if x is None else _view(x, off[0], strides[0, ndim - 1], n, xb)
-                wv = None if w is None else _view(w, off[2], strides[2, ndim - 1], n, wb)
-                mv = None if m is None else _view(m, off[3], strides[3, ndim - 1], n, mb)
-                pv = None if pw is None else _view(pw, off[4], strides[4, ndim - 1], n, pb)
-                gv = None if g is None else _out(g, off[5], strides[5, ndim - 1], n, gb)
-                lv = None if l is None else _out(l, off[6], strides[6, ndim - 1], n, lb)
+                xv = _view(x, off[0], strides[0, ndim - 1], n, xb)
+                wv = _view(w, off[2], strides[2, ndim - 1], n, wb)
+                mv = _view(m, off[3], strides[3, ndim - 1], n, mb)
+                pv = _view(pw, off[4], strides[4, ndim - 1], n, pb)
+                gv = _out(g, off[5], strides[5, ndim - 1], n, gb)
+                lv = _out(l, off[6], strides[6, ndim - 1], n, lb)
                 s_loss, s_count, s_bad = segment(xv, tv, wv, mv, pv, gv, lv, n, scale, eps,
-                                                 ignore, gs)
-                if g is not None:
-                    _scatter(g, off[5], strides[5, ndim - 1], n, gb)
-                if l is not None:
-                    _scatter(l, off[6], strides[6, ndim - 1], n, lb)
+                                                 ignore, gs, losses)
+                _scatter(g, off[5], strides[5, ndim - 1], n, gb)
+                _scatter(l, off[6], strides[6, ndim - 1], n, lb)
                 if s_bad and first < 0:
                     first = i + _first_bad(tv, mv, n, scale, ignore)
                 total += s_loss

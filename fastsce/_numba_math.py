@@ -20,6 +20,10 @@ from numba.extending import intrinsic
 def jit(key="", **options):
     """njit with a stable identity, so Numba's disk cache hits in a new process.
 
+    (The math helpers below are inlined at Numba-IR level, so the loops that
+    use them are one function LLVM can vectorize; they and those loops carry
+    no fast-math flags: `reassoc` would fold the rounding tricks.)
+
     A cached kernel's index key hashes the pickled contents of its closure;
     dispatchers pickle with a UUID that is random per process, so a kernel
     built by a factory (ours are) would miss the cache forever. Every
@@ -71,7 +75,7 @@ _RSQRT2_32 = F32(0.707106781187)
 _RINT32 = F32(12582912.0)                  # 1.5 * 2^23: adding it rounds to an integer
 
 
-@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def exp_neg_scaled_f32(x, shift):
     """exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding:
     a shift keeps a result that would be subnormal at full precision."""
@@ -90,13 +94,13 @@ def exp_neg_scaled_f32(x, shift):
     return p * s1 * s2
 
 
-@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def exp_neg_f32(x):
     """exp(x) for x <= 0 (and NaN); 0 below the subnormal range."""
     return exp_neg_scaled_f32(x, np.int32(0))
 
 
-@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def log_reduced_f32(f, k):
     """log(2^k * (1 + f)) for 1 + f in [sqrt(2)/2, sqrt(2)) (fdlibm's kernel)."""
     g1, g2, g3, g4 = _L32_LG
@@ -108,7 +112,7 @@ def log_reduced_f32(f, k):
     return s * (hfsq + r) + k * _L32_LN2LO - hfsq + f + k * _L32_LN2HI
 
 
-@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def log1p_unit_f32(e):
     """(log1p(e), 1/(1+e)) for e in [-0.5, 1] (and NaN)."""
     u = F32(1.0) + e
@@ -121,7 +125,7 @@ def log1p_unit_f32(e):
     return log_reduced_f32(f, k) + (e - (u - F32(1.0))) * inv, inv
 
 
-@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def log_f32(u):
     """log(u) for any float32 u: -inf at 0, NaN below 0, subnormals exact."""
     tiny = u < F32(1.1754944e-38)
@@ -152,7 +156,7 @@ _RSQRT2_64 = 0.7071067811865476
 _RINT64 = 6755399441055744.0                # 1.5 * 2^52
 
 
-@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def exp_neg_scaled_f64(x, shift):
     """exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding."""
     p1, p2, p3, p4, p5 = _E64_P
@@ -171,13 +175,13 @@ def exp_neg_scaled_f64(x, shift):
     return p * bits_f64((k1 + 1023) << 52) * bits_f64((k2 + 1023) << 52)
 
 
-@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def exp_neg_f64(x):
     """exp(x) for x <= 0 (and NaN); 0 below the subnormal range."""
     return exp_neg_scaled_f64(x, np.int64(0))
 
 
-@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def log_reduced_f64(f, k):
     """log(2^k * (1 + f)) for 1 + f in [sqrt(2)/2, sqrt(2)) (fdlibm's kernel)."""
     g1, g2, g3, g4, g5, g6, g7 = _L64_LG
@@ -189,7 +193,7 @@ def log_reduced_f64(f, k):
     return s * (hfsq + r) + k * _E64_LN2LO - hfsq + f + k * _E64_LN2HI
 
 
-@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def log1p_unit_f64(e):
     """(log1p(e), 1/(1+e)) for e in [-0.5, 1] (and NaN)."""
     u = 1.0 + e
@@ -201,7 +205,7 @@ def log1p_unit_f64(e):
     return log_reduced_f64(f, k) + (e - (u - 1.0)) * inv, inv
 
 
-@jit(nogil=True, fastmath=False)  # explicit: callees inherit an unset flag
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def log_f64(u):
     """log(u) for any float64 u: -inf at 0, NaN below 0, subnormals exact."""
     tiny = u < 2.2250738585072014e-308

@@ -27,7 +27,8 @@ from numba import prange
 from . import _numba_math as M
 from ._numba_math import jit
 from ._layout import BLOCK
-from ._numba_kernels import _ACC, _EXACT, _EXP_SCALED, _MATH, _OPTS, _out, _scatter, _view, row_offsets
+from ._numba_kernels import (_ACC, _EXACT, _EXP_SCALED, _MATH, _OPTS, _out, _scatter, _scratch,
+                              _view, row_offsets)
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
 _TWO_M64 = 2.0 ** -64
@@ -93,7 +94,7 @@ def _tile(from_logits, divergence, hard, ftype):
         """log1p(r) for r >= 0 in float64."""
         return M.log1p_unit_f64(r)[0] if r <= 1.0 else M.log_f64(1.0 + r)
 
-    @jit(key, fastmath=_ACC, **_OPTS)
+    @jit(key, fastmath=False, **_OPTS)   # its sums are per pixel, not reductions
     def tile(x, xo, xcs, z, zo, zcs, w, m, g, go, gcs, l, n, C, cw, scale, eps, ignore,
              gs, e, tsz, mx, am, s, W, A, H, valid, lbuf, lo):
         sc = F(scale)
@@ -233,11 +234,10 @@ def _driver(from_logits, divergence, hard, ftype):
             xs = np.empty(C * tsz if strides[0, ndim - 1] != 1 else 0, x.dtype)
             zs = np.empty(C * tsz if not hard and strides[1, ndim - 1] != 1 else 0, z.dtype)
             zp = np.empty(tsz if hard else 0, z.dtype)
-            gb = None if g is None else np.empty(C * tsz if strides[5, ndim - 1] != 1 else 0,
-                                                 g.dtype)
-            wb = None if w is None else np.empty(tsz, w.dtype)
-            mb = None if m is None else np.empty(tsz, m.dtype)
-            lb = None if l is None else np.empty(tsz, l.dtype)
+            gb = _scratch(g, C * tsz if strides[5, ndim - 1] != 1 else 0)
+            wb = _scratch(w, tsz)
+            mb = _scratch(m, tsz)
+            lb = _scratch(l, tsz)
             mx = np.empty(tsz, x.dtype)
             am = np.empty(tsz, np.int64)
             s = np.empty(tsz)
@@ -269,16 +269,15 @@ def _driver(from_logits, divergence, hard, ftype):
                 ga, go, gcs = g, off[5], cstrides[5]
                 if g is not None and strides[5, ndim - 1] != 1:
                     ga, go, gcs = gb, 0, tsz
-                wv = None if w is None else _view(w, off[2], strides[2, ndim - 1], n, wb)
-                mv = None if m is None else _view(m, off[3], strides[3, ndim - 1], n, mb)
-                lv = None if l is None else _out(l, off[6], strides[6, ndim - 1], n, lb)
+                wv = _view(w, off[2], strides[2, ndim - 1], n, wb)
+                mv = _view(m, off[3], strides[3, ndim - 1], n, mb)
+                lv = _out(l, off[6], strides[6, ndim - 1], n, lb)
                 c, bd = tile(xa, xo, xcs, za, zo, zcs, wv, mv, ga, go, gcs, lv, n, C, cw,
                              scale, eps, ignore, gscale[grp], e, tsz, mx, am, s, W, A, H, valid,
                              lbuf, i - start)
                 if g is not None and strides[5, ndim - 1] != 1:
                     _scatter_classes(g, off[5], strides[5, ndim - 1], cstrides[5], n, C, gb, tsz)
-                if l is not None:
-                    _scatter(l, off[6], strides[6, ndim - 1], n, lb)
+                _scatter(l, off[6], strides[6, ndim - 1], n, lb)
                 if bd and first < 0:
                     first = i + _first_bad_pixel(valid, za, zo, zcs, n, C, scale, hard)
                 count += c
