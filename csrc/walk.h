@@ -1,5 +1,6 @@
-/* Pieces shared by the kernel files: inlining and CPU-dispatch macros, and
- * the offsets of a row of the strided walk (see fastsce/_layout.py). */
+/* Pieces shared by the kernel files: inlining and CPU-dispatch macros, the
+ * offsets of a row of the strided walk (see fastsce/_layout.py), the fixed
+ * blocks of a walk and the parallel loop over them. */
 #ifndef FASTSCE_WALK_H
 #define FASTSCE_WALK_H
 #include <stdint.h>
@@ -17,52 +18,6 @@
 #else
 #define FASTSCE_CLONES
 #define FASTSCE_HAVE_CLONES 0
-/* Blocks of a walk over n elements in groups of group_size: each group is cut
- * into FASTSCE_BLOCK-element blocks (fixed by these two numbers alone). */
-static inline int64_t walk_blocks(int nd, const int64_t *shape, int64_t group_size)
-{
-    int64_t n = 1;
-    for (int d = 0; d < nd; d++) n *= shape[d];
-    return group_size ? n / group_size * ((group_size + FASTSCE_BLOCK - 1) / FASTSCE_BLOCK) : 0;
-}
-
-/* Flat range [*start, *stop) and group of block b. */
-static inline int64_t block_range(int64_t b, int64_t group_size, int64_t *start, int64_t *stop)
-{
-    const int64_t per_group = (group_size + FASTSCE_BLOCK - 1) / FASTSCE_BLOCK;
-    const int64_t grp = b / per_group;
-    *start = grp * group_size + (b - grp * per_group) * FASTSCE_BLOCK;
-    *stop = *start + FASTSCE_BLOCK < (grp + 1) * group_size ? *start + FASTSCE_BLOCK
-                                                              : (grp + 1) * group_size;
-    return grp;
-}
-
-/* Run block(ctx, b, scratch) for every block, threads taking whole blocks in a
- * static schedule; each thread gets its own scratch from alloc(ctx) (freed
- * with free). No float reduction crosses threads: every block writes its own
- * partials. Returns FASTSCE_ENOMEM if a thread's scratch could not be had. */
-static inline int parallel_blocks(int64_t n_blocks, int num_threads, const void *ctx,
-                                  void *(*alloc)(const void *),
-                                  void (*block)(const void *, int64_t, void *))
-{
-    int failed = 0;
-    (void)num_threads;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(num_threads) reduction(|:failed)
-#endif
-    {
-        void *scratch = alloc(ctx);
-        if (!scratch) failed = 1;
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t b = 0; b < n_blocks; b++)
-            if (scratch) block(ctx, b, scratch);
-        free(scratch);
-    }
-    return failed ? FASTSCE_ENOMEM : 0;
-}
-
 #endif
 
 enum { SX, ST, SW, SM, SPW, SG, SL };   /* operand slots, as _layout.SLOTS */

@@ -249,12 +249,8 @@ def sigmoid_cross_entropy(
     thread count. Float16 logits or targets, and weights of another dtype
     than the logits, are converted (copied) first.
     """
-    if reduction not in _REDUCTIONS:
-        raise FastSCEValueError(f"`reduction` must be one of {_REDUCTIONS}; got {reduction!r}")
-    impl = _backends.resolve(backend)
-    threads = resolve_threads(num_threads)
-    want_grad = _flag("grad", grad)
-    raw_x, x, compute = _logits(logits)
+    impl, threads, want_grad, raw_x, x, compute = _start(reduction, backend, num_threads,
+                                                          grad, logits)
     shape = x.shape
     z = _targets(targets, shape)
     integer_targets = z.dtype.newbyteorder("=") in _INT_TARGETS
@@ -276,11 +272,8 @@ def sigmoid_cross_entropy(
                 f"(in [{info.min}, {info.max}]); got {ignore_value!r}"
             )
         ignore_value = int(ignore_value)
-    eps = _real("label_smoothing", label_smoothing, 0.0, 1.0)
-    divergence = _flag("divergence", divergence)
-    from_logits = _flag("from_logits", from_logits)
-    check = _flag("check", check)
-    gs = _real("grad_scale", grad_scale)
+    eps, divergence, from_logits, check, gs = _scalars(label_smoothing, divergence,
+                                                        from_logits, check, grad_scale)
     w = _weight_like("weight", weight, shape, compute)
     pw = _weight_like("pos_weight", pos_weight, shape, compute)
     if pw is not None and pw.ndim == 0 and pw == 1:
@@ -293,28 +286,51 @@ def sigmoid_cross_entropy(
     m = _mask(mask, shape)
     inputs = [("logits", raw_x), ("targets", np.asarray(targets)), ("weight", weight),
               ("mask", mask), ("pos_weight", pos_weight)]
-    grad_dtypes = (np.dtype(np.float16), compute) if compute != raw_x.dtype.newbyteorder("=") \
-        else (compute,)
-    if out is not None:
-        if not want_grad:
-            raise FastSCEValueError("`out` was given but grad=False; drop one of them")
-        _check_output("out", out, shape, grad_dtypes, inputs)
-    if loss_out is not None:
-        if reduction != "none":
-            raise FastSCEValueError(
-                f"`loss_out` is the loss map of reduction='none'; got reduction={reduction!r}"
-            )
-        _check_output("loss_out", loss_out, shape, grad_dtypes, inputs + [("out", out)])
+    out_dtype, in_place = _outputs(out, loss_out, want_grad, reduction, raw_x, compute,
+                                   shape, inputs)
 
     call = BinaryCall(
         shape=shape, x=x, z=z, w=w, m=m, pw=pw, from_logits=from_logits,
         divergence=divergence, label_smoothing=eps, scale=scale, ignore_value=ignore_value,
         check=check, threads=threads,
     )
-    in_place = out is not None and _same_view(out, raw_x)
-    out_dtype = np.dtype(np.float16) if raw_x.dtype.newbyteorder("=") == np.float16 else compute
     return _run(impl, impl.binary, call, reduction, want_grad, gs, out, loss_out, compute,
                 out_dtype, in_place, shape, lambda impl, c: impl.count_valid(c))
+
+
+def _start(reduction, backend, num_threads, grad, logits):
+    """What every loss validates first: reduction, backend, threads, logits."""
+    if reduction not in _REDUCTIONS:
+        raise FastSCEValueError(f"`reduction` must be one of {_REDUCTIONS}; got {reduction!r}")
+    impl = _backends.resolve(backend)
+    threads = resolve_threads(num_threads)
+    return (impl, threads, _flag("grad", grad)) + _logits(logits)
+
+
+def _scalars(label_smoothing, divergence, from_logits, check, grad_scale):
+    return (_real("label_smoothing", label_smoothing, 0.0, 1.0),
+            _flag("divergence", divergence), _flag("from_logits", from_logits),
+            _flag("check", check), _real("grad_scale", grad_scale))
+
+
+def _outputs(out, loss_out, want_grad, reduction, raw_x, compute, loss_shape, inputs,
+             what="the shape of `logits`"):
+    """Check `out` (logits' shape) and `loss_out` (`loss_shape`); the results'
+    dtype and whether the gradient is computed in place."""
+    float16 = raw_x.dtype.newbyteorder("=") == np.float16
+    dtypes = (np.dtype(np.float16), compute) if float16 else (compute,)
+    if out is not None:
+        if not want_grad:
+            raise FastSCEValueError("`out` was given but grad=False; drop one of them")
+        _check_output("out", out, raw_x.shape, dtypes, inputs)
+    if loss_out is not None:
+        if reduction != "none":
+            raise FastSCEValueError(
+                f"`loss_out` is the loss map of reduction='none'; got reduction={reduction!r}"
+            )
+        _check_output("loss_out", loss_out, loss_shape, dtypes, inputs + [("out", out)], what)
+    in_place = out is not None and _same_view(out, raw_x)
+    return (np.dtype(np.float16) if float16 else compute), in_place
 
 
 def _buffer(given, shape, compute):
@@ -441,12 +457,8 @@ def softmax_cross_entropy(
     logit -inf and target 0 contributes 0 and gets gradient 0. NCHW and
     NHWC layouts of the same data give bitwise the same results.
     """
-    if reduction not in _REDUCTIONS:
-        raise FastSCEValueError(f"`reduction` must be one of {_REDUCTIONS}; got {reduction!r}")
-    impl = _backends.resolve(backend)
-    threads = resolve_threads(num_threads)
-    want_grad = _flag("grad", grad)
-    raw_x, x, compute = _logits(logits)
+    impl, threads, want_grad, raw_x, x, compute = _start(reduction, backend, num_threads,
+                                                          grad, logits)
     if x.ndim == 0:
         raise FastSCEValueError("`logits` must have a class axis; got a 0-d array")
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) \
@@ -488,11 +500,8 @@ def softmax_cross_entropy(
         if isinstance(ignore_value, bool) or not isinstance(ignore_value, (int, np.integer)):
             raise FastSCEValueError(f"`ignore_value` must be an integer label; got {ignore_value!r}")
         ignore_value = int(ignore_value)
-    eps = _real("label_smoothing", label_smoothing, 0.0, 1.0)
-    divergence = _flag("divergence", divergence)
-    from_logits = _flag("from_logits", from_logits)
-    check = _flag("check", check)
-    gs = _real("grad_scale", grad_scale)
+    eps, divergence, from_logits, check, gs = _scalars(label_smoothing, divergence,
+                                                        from_logits, check, grad_scale)
     cw = None
     if class_weights is not None:
         cw = np.asarray(class_weights)
@@ -508,26 +517,13 @@ def softmax_cross_entropy(
     m = _mask(mask, pixel_shape, pixels)
     inputs = [("logits", raw_x), ("targets", t), ("weight", weight), ("mask", mask),
               ("class_weights", class_weights)]
-    grad_dtypes = (np.dtype(np.float16), compute) if compute != raw_x.dtype.newbyteorder("=") \
-        else (compute,)
-    if out is not None:
-        if not want_grad:
-            raise FastSCEValueError("`out` was given but grad=False; drop one of them")
-        _check_output("out", out, x.shape, grad_dtypes, inputs)
-    if loss_out is not None:
-        if reduction != "none":
-            raise FastSCEValueError(
-                f"`loss_out` is the loss map of reduction='none'; got reduction={reduction!r}"
-            )
-        _check_output("loss_out", loss_out, pixel_shape, grad_dtypes, inputs + [("out", out)],
-                      what="the pixel shape of `logits`")
+    out_dtype, in_place = _outputs(out, loss_out, want_grad, reduction, raw_x, compute,
+                                   pixel_shape, inputs, what="the pixel shape of `logits`")
     call = SoftmaxCall(
         shape=pixel_shape, x=x, axis=axis, classes=C, z=z, hard=hard, w=w, m=m, cw=cw,
         from_logits=from_logits, divergence=divergence, label_smoothing=eps, scale=scale,
         ignore_value=ignore_value, check=check, threads=threads,
     )
-    in_place = out is not None and _same_view(out, raw_x)
-    out_dtype = np.dtype(np.float16) if raw_x.dtype.newbyteorder("=") == np.float16 else compute
     return _run(impl, impl.softmax, call, reduction, want_grad, gs, out, loss_out, compute,
                 out_dtype, in_place, x.shape, _softmax_precount, what="pixel")
 
