@@ -176,6 +176,15 @@ def _first_bad(t, m, n, scale, ignore):
 
 
 @jit(**_OPTS)
+def block_range(b, group_size):
+    """Group and flat range [start, stop) of block b (as walk.h's block_range)."""
+    per_group = (group_size + BLOCK - 1) // BLOCK
+    grp = b // per_group
+    start = grp * group_size + (b - grp * per_group) * BLOCK
+    return grp, start, min(start + BLOCK, (grp + 1) * group_size)
+
+
+@jit(**_OPTS)
 def row_offsets(shape, offsets, strides, i):
     """Element offsets of every slot at flat index i (C order), and i's column."""
     ndim = shape.size
@@ -271,16 +280,13 @@ def _driver(segment):
             gscale, part_loss, part_count, part_bad, part_first):
         ndim = shape.size
         inner = shape[ndim - 1]
-        per_group = (group_size + BLOCK - 1) // BLOCK
         # Scratch is needed only for operands whose rows are not contiguous.
         gather = False
         for s in range(strides.shape[0]):
             gather = gather or strides[s, ndim - 1] != 1
         size = BLOCK if gather else 0
         for b in prange(part_loss.size):
-            grp = b // per_group
-            start = grp * group_size + (b - grp * per_group) * BLOCK
-            stop = min(start + BLOCK, (grp + 1) * group_size)
+            grp, start, stop = block_range(b, group_size)
             gs = gscale[grp]
             tb = np.empty(size, t.dtype)
             xb = _scratch(x, size)

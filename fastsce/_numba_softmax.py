@@ -26,9 +26,8 @@ from numba import prange
 
 from . import _numba_math as M
 from ._numba_math import jit
-from ._layout import BLOCK
 from ._numba_kernels import (_ACC, _EXACT, _EXP_SCALED, _MATH, _OPTS, _out, _scatter, _scratch,
-                              _view, row_offsets)
+                              _view, block_range, row_offsets)
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
 _TWO_M64 = 2.0 ** -64
@@ -225,11 +224,8 @@ def _driver(from_logits, divergence, hard, ftype):
             scale, eps, ignore, gscale, part_loss, part_count, part_bad, part_first):
         ndim = shape.size
         inner = shape[ndim - 1]
-        per_group = (group_size + BLOCK - 1) // BLOCK
         for b in prange(part_loss.size):
-            grp = b // per_group
-            start = grp * group_size + (b - grp * per_group) * BLOCK
-            stop = min(start + BLOCK, (grp + 1) * group_size)
+            grp, start, stop = block_range(b, group_size)
             e = np.empty(C * tsz, x.dtype)
             xs = np.empty(C * tsz if strides[0, ndim - 1] != 1 else 0, x.dtype)
             zs = np.empty(C * tsz if not hard and strides[1, ndim - 1] != 1 else 0, z.dtype)
