@@ -48,10 +48,6 @@ class Plan:
     strides: np.ndarray      # int64[len(SLOTS), ndim], element strides
     class_strides: np.ndarray  # int64[len(SLOTS)], stride of the class axis (softmax)
 
-    def first_index(self, flat_index, full_shape):
-        """Multi-index in the caller's shape of the flat iteration index."""
-        return tuple(int(i) for i in np.unravel_index(flat_index, full_shape))
-
 
 def native(a):
     """The array in native byte order (a copy only if it was byte-swapped)."""
