@@ -5,14 +5,18 @@
  *  - Pixels are walked like the binary loss's elements (C order over the
  *    pixel shape, fastsce/_layout.py); the class axis is a stride. Rows are
  *    cut into tiles of `tile` pixels (a function of C only). A tile whose
- *    pixels are not contiguous (NHWC) is gathered into a [C][tile] scratch
- *    first, so every layout runs the same class-outer, pixel-inner loops:
- *    they vectorize across pixels, and NCHW and NHWC give bitwise the same
- *    numbers.
- *  - Per tile, four passes over data in cache: (1) max over classes and the
- *    first class reaching it; (2) exp(x - m) (the rounding of x - m put back,
- *    TwoSum) and the per-pixel float64 sums r = the other classes' exps,
- *    W = sum w z, A = sum w z (m - x); (3) the loss A + W log1p(r), every term
+ *    pixels are not contiguous (NHWC) is gathered into a [C][tile + 16]
+ *    scratch first (the extra cache line keeps a pixel's classes out of one
+ *    cache set), so every layout runs the same class-outer, pixel-inner
+ *    loops: they vectorize across pixels, and NCHW and NHWC give bitwise the
+ *    same numbers.
+ *  - Per tile: (1) stream whole class rows once for the per-pixel maximum and
+ *    the count of out-of-range soft targets (this also brings the tile into
+ *    cache). Then per CHUNK of pixels, whose per-pixel sums stay in registers:
+ *    (2) exp(x - m) (the rounding of x - m put back, TwoSum), stored with w z
+ *    for (4), and float64 sums r = the exps of the classes below the maximum
+ *    (the maxima's exps are exactly 1 and are counted), W = sum w z,
+ *    A = sum w z (m - x); (3) the loss A + W log1p(r), every term
  *    non-negative, so full relative precision even for a dominant class;
  *    (4) the gradient W e / (1 + r) - w z. Each logit and target is read from
  *    memory once and each gradient element written once.
@@ -30,6 +34,13 @@
 #include "fastsce_math.h"
 #include "walk.h"
 
+/* Pixels per chunk: the per-pixel sums of a chunk stay in vector registers
+ * while its classes stream past. Nothing computed depends on it (the Numba
+ * twin uses longer chunks). */
+#define CHUNK 16
+#define SIMD _Pragma("omp simd")
+#define SIMD_COUNTS _Pragma("omp simd reduction(+:count, bad)")
+
 typedef struct {
     const void *x, *z;            /* class-shaped: element (k, p) at k*cs + p  */
     int64_t xcs, zcs;
@@ -38,13 +49,13 @@ typedef struct {
     const void *w, *cw;
     const uint8_t *m;
     void *l;
-    int64_t n, C, tsz;
+    int64_t n, C;
     const fastsce_params *p;
     double gs;
-    void *e, *mx;                 /* scratch: [C][tsz] exps, [tsz] maxima      */
-    int64_t *am;                  /* [tsz] first class reaching the maximum    */
-    double *s, *W, *A, *H, *lbuf; /* per pixel; lbuf: the block's pixel losses */
-    uint8_t *valid;
+    void *e;                      /* scratch: [2][C][CHUNK] exps and w z       */
+    void *mx, *nbad;              /* scratch: [tile] maxima, bad-target counts */
+    double *lbuf;                 /* the block's pixel losses, from this tile  */
+    uint8_t *valid;               /* [tile]: pixel counted (for first_bad)     */
 } tile_args;
 
 typedef struct { int64_t count, bad; } tile_sums;
@@ -57,134 +68,170 @@ typedef tile_sums (*tile_fn)(const tile_args *);
 #define IS_HARD_uint16_t 0
 #define IS_HARD(T) IS_HARD_##T
 
-/* log1p(r) for r >= 0 in float64. */
+/* log1p(r) for r >= 0 in float64; both branches computed, so it vectorizes. */
 MATH_INLINE double log1p_pos_f64(double r)
 {
-    double iu;
-    return r <= 1.0 ? log1p_unit_f64(r, &iu) : log_f64(1.0 + r);
+    double iu, near = log1p_unit_f64(r <= 1.0 ? r : 0.0, &iu);
+    return r <= 1.0 ? near : log_f64(1.0 + r);
 }
-
 /* Same operations in the same order as _tile in _numba_softmax.py. */
 #define DEFINE_TILE(XN, X, TN, T)                                                      \
-ALWAYS_INLINE X target_##XN##_##TN(const T *z, int64_t zcs, int64_t k, int64_t p,       \
+ALWAYS_INLINE X target_##XN##_##TN(const T *z, int64_t zcs, int64_t k, int64_t p,      \
                                    X inv, X keep, X shift)                             \
 {                                                                                      \
     if (IS_HARD(T)) return (z[p] == (T)k ? keep : (X)0) + shift;                       \
     return (X)z[k * zcs + p] * inv * keep + shift;                                     \
 }                                                                                      \
-ALWAYS_INLINE tile_sums tile_##XN##_##TN(const tile_args *a, int from_logits,          \
-                                         int divergence)                               \
+/* Steps (2)-(4) for pixels q0 .. q0+np-1; np == CHUNK except at the tile's            \
+ * end, so the main case has a constant trip count and its per-pixel sums              \
+ * stay in registers. */                                                               \
+ALWAYS_INLINE tile_sums chunk_##XN##_##TN(const tile_args *a, int64_t q0, int64_t np,  \
+                                          int from_logits, int divergence)             \
 {                                                                                      \
-    const X *x = (const X *)a->x;                                                      \
-    const T *z = (const T *)a->z;                                                      \
-    const X *w = (const X *)a->w, *cw = (const X *)a->cw;                              \
-    X *g = (X *)a->g, *l = (X *)a->l, *e = (X *)a->e, *mx = (X *)a->mx;                \
-    double *s = a->s, *W = a->W, *A = a->A, *H = a->H;                                 \
-    const int64_t n = a->n, C = a->C, tsz = a->tsz, xcs = a->xcs, zcs = a->zcs;         \
+    const X *x = (const X *)a->x + q0, *w = (const X *)a->w, *cw = (const X *)a->cw;   \
+    const X *mx = (const X *)a->mx + q0, *nbad = (const X *)a->nbad + q0;              \
+    const T *z = (const T *)a->z + q0;                                                 \
+    X *e = (X *)a->e, *wzs = e + a->C * CHUNK;                                         \
+    const uint8_t *m = a->m ? a->m + q0 : NULL;     /* fields read once: stores */     \
+    uint8_t *valid = a->valid + q0;                 /* below could alias *a     */     \
+    double *lb = a->lbuf + q0;                                                         \
+    const X gs = (X)a->gs;                                                             \
+    const int64_t C = a->C, xcs = a->xcs, zcs = a->zcs;                                \
     const fastsce_params *p = a->p;                                                    \
-    const X sc = (X)p->scale, inv = (X)(1.0 / p->scale), keep = (X)(1.0 - p->eps);     \
+    const X inv = (X)(1.0 / p->scale), keep = (X)(1.0 - p->eps);                       \
     const X shift = (X)(p->eps / (double)C);                                           \
-    int64_t *am = a->am;                                                               \
-    for (int64_t q = 0; q < n; q++) am[q] = 0;                         /* (1) */       \
-    if (from_logits) {                                                                 \
-        for (int64_t q = 0; q < n; q++) mx[q] = x[q];                                  \
-        for (int64_t k = 1; k < C; k++) {                                              \
-            const X *xk = x + k * xcs;                                                 \
-            for (int64_t q = 0; q < n; q++) {                                          \
-                int up = xk[q] > mx[q];                                                \
-                mx[q] = up ? xk[q] : mx[q];                                            \
-                am[q] = up ? k : am[q];                                                \
-            }                                                                          \
-        }                                                                              \
+    X ties[CHUNK];                                                                     \
+    double s[CHUNK], W[CHUNK], A[CHUNK], H[CHUNK];                                     \
+    SIMD for (int64_t j = 0; j < np; j++) {                                            \
+        s[j] = W[j] = A[j] = H[j] = 0.0;                                               \
+        ties[j] = (X)0;                                                                \
     }                                                                                  \
-    for (int64_t q = 0; q < n; q++) s[q] = W[q] = A[q] = H[q] = 0.0;   /* (2) */       \
-    for (int64_t k = 0; k < C; k++) {                                                  \
-        const X *xk = x + k * xcs;                                                     \
-        X *ek = e + k * tsz;                                                           \
+    for (int64_t k = 0; k < C; k++) {                   /* (2) exps and sums */        \
         const X cwk = cw ? cw[k] : (X)1;                                               \
-        for (int64_t q = 0; q < n; q++) {                                              \
-            X zv = target_##XN##_##TN(z, zcs, k, q, inv, keep, shift);                 \
-            X v = xk[q], wz = cwk * zv, ev = (X)0, at, h = (X)0;                       \
+        SIMD for (int64_t j = 0; j < np; j++) {                                        \
+            X zv = target_##XN##_##TN(z, zcs, k, j, inv, keep, shift);                 \
+            X v = x[k * xcs + j], wz = cwk * zv, ev, at;                               \
             double e64 = 0.0;                                                          \
             if (from_logits) {                                                         \
-                X d = v == mx[q] ? (X)0 : v - mx[q];    /* x = m = +inf: d = 0 */      \
+                X d = v == mx[j] ? (X)0 : v - mx[j];    /* x = m = +inf: d = 0 */      \
                 X bb = d - v;       /* TwoSum: what rounding x - m lost */             \
-                X err = (v - (d - bb)) + (-mx[q] - bb);                                \
+                X err = (v - (d - bb)) + (-mx[j] - bb);                                \
                 err = err == err ? err : (X)0;                                         \
-                /* a float32 exp below ~e^-87 is subnormal: take it 2^64 larger   */  \
-                /* for the float64 sum and scale only the stored value            */  \
+                /* a float32 exp below ~e^-87 is subnormal: take it 2^64 larger */     \
+                /* for the float64 sum and scale only the stored value          */     \
                 int low = sizeof(X) == 4 && d < (X)-80;                                \
                 ev = exp_neg_scaled_##XN(d, low ? 64 : 0);                             \
                 ev = ev + ev * err;                                                    \
                 e64 = (double)ev * (low ? 0x1p-64 : 1.0);                              \
                 ev = low ? ev * (X)0x1p-64 : ev;                                       \
                 at = wz == (X)0 ? (X)0 : wz * -d;                                      \
+                /* the maxima's exps are exactly 1: counted, not summed, so */         \
+                /* s is the other classes' sum r and log(1 + r) = log1p(r)  */         \
+                ties[j] += d == (X)0 ? (X)1 : (X)0;                                    \
+                e64 = d == (X)0 ? 0.0 : e64;                                           \
             } else {                                                                   \
                 X lc = log_##XN(v);                                                    \
                 lc = lc < (X)-100 ? (X)-100 : lc;                                      \
                 at = wz == (X)0 ? (X)0 : -(wz * lc);                                   \
+                ev = v;             /* the gradient's denominator */                   \
             }                                                                          \
-            if (divergence) h = wz == (X)0 ? (X)0 : wz * log_##XN(zv);                 \
-            ek[q] = ev;                                                                \
-            s[q] += k == am[q] ? 0.0 : e64;          /* the first max's exp is 1 */   \
-            W[q] += (double)wz;                                                        \
-            A[q] += (double)at;                                                        \
-            H[q] += (double)h;                                                         \
+            e[k * CHUNK + j] = ev;                                                     \
+            wzs[k * CHUNK + j] = wz;                                                   \
+            s[j] += e64;                                                               \
+            W[j] += (double)wz;                                                        \
+            A[j] += (double)at;                                                        \
+            if (divergence) H[j] += (double)(wz == (X)0 ? (X)0 : wz * log_##XN(zv));   \
         }                                                                              \
     }                                                                                  \
-    int64_t count = 0, bad = 0;                                        /* (3) */       \
-    for (int64_t q = 0; q < n; q++) {                                                  \
-        int ok = a->m ? a->m[q] != 0 : 1;                                              \
-        if (IS_HARD(T)) {                                                              \
-            if (p->has_ignore) ok = ok && z[q] != (T)p->ignore;                        \
-            bad += ok && !(z[q] >= 0 && z[q] < (T)C);                                  \
-        }                                                                              \
-        double loss64 = A[q] + H[q];                                                   \
-        if (from_logits) loss64 += W[q] == 0.0 ? 0.0 : W[q] * log1p_pos_f64(s[q]);     \
-        X loss = (X)loss64;                                                            \
-        X wp = w ? w[q] : (X)1;                                                        \
-        loss = ok ? loss * wp : (X)0;                                                  \
-        a->lbuf[q] = (double)loss;                                                     \
-        if (l) l[q] = loss;                                                            \
-        count += ok;                                                                   \
-        a->valid[q] = (uint8_t)ok;                                                     \
-        s[q] = 1.0 / (1.0 + s[q]);                                                     \
-        H[q] = (double)(wp * (X)a->gs);                                                \
+    X fac[CHUNK], wf[CHUNK], is[CHUNK], ok[CHUNK];                                     \
+    int64_t count = 0, bad = 0;                                                        \
+    for (int64_t j = 0; j < np; j++) {       /* apart: byte loads would widen the */   \
+        int v = m ? m[j] != 0 : 1;           /* vectors of the loop below past np */   \
+        if (IS_HARD(T) && p->has_ignore) v = v && z[j] != (T)p->ignore;                \
+        ok[j] = v ? (X)1 : (X)0;                                                       \
+        valid[j] = (uint8_t)v;                                                         \
     }                                                                                  \
-    if (!IS_HARD(T))                                                                   \
-        for (int64_t k = 0; k < C; k++)                                                \
-            for (int64_t q = 0; q < n; q++) {                                          \
-                X t = (X)z[k * zcs + q];                                               \
-                bad += a->valid[q] && !(t >= (X)0 && t <= sc);                         \
-            }                                                                          \
-    if (g) {                                                           /* (4) */       \
+    SIMD_COUNTS for (int64_t j = 0; j < np; j++) {      /* (3) pixel losses */         \
+        int v = ok[j] != (X)0;                                                         \
+        bad += v && (IS_HARD(T) ? !(z[j] >= 0 && z[j] < (T)C) : nbad[j] != (X)0);      \
+        count += v;                                                                    \
+        double loss64 = divergence ? A[j] + H[j] : A[j];                               \
+        double rr = s[j] + ((double)ties[j] - 1.0);                                    \
+        if (from_logits) loss64 += W[j] == 0.0 ? 0.0 : W[j] * log1p_pos_f64(rr);       \
+        X wp = w ? w[q0 + j] : (X)1;                                                   \
+        lb[j] = v ? (double)((X)loss64 * wp) : 0.0;                                    \
+        wf[j] = (X)W[j];                                                               \
+        is[j] = (X)(1.0 / (1.0 + rr));                                                 \
+        fac[j] = wp * gs;                                                              \
+    }                                                                                  \
+    if (a->l)                                                                          \
+        SIMD for (int64_t j = 0; j < np; j++) ((X *)a->l)[q0 + j] = (X)lb[j];          \
+    if (a->g) {                                         /* (4) gradient */             \
+        X *g = (X *)a->g + q0;                                                         \
         for (int64_t k = 0; k < C; k++) {                                              \
-            const X *xk = x + k * xcs, *ek = e + k * tsz;                              \
-            X *gk = g + k * a->gcs;                                                    \
-            const X cwk = cw ? cw[k] : (X)1;                                           \
-            for (int64_t q = 0; q < n; q++) {                                          \
-                X wz = cwk * target_##XN##_##TN(z, zcs, k, q, inv, keep, shift), gv;   \
-                X fac = (X)H[q];                                                       \
+            const X *ek = e + k * CHUNK, *wzk = wzs + k * CHUNK;                       \
+            SIMD for (int64_t j = 0; j < np; j++) {                                    \
+                X gv;                                                                  \
                 if (from_logits) {                                                     \
-                    gv = ((X)W[q] * (ek[q] * (X)s[q]) - wz) * fac;                     \
+                    gv = (wf[j] * (ek[j] * is[j]) - wzk[j]) * fac[j];                  \
                 } else {                                                               \
-                    X den = xk[q] > (X)1e-12 ? xk[q] : (X)1e-12;                       \
-                    gv = (-wz / den) * fac;                                            \
+                    X den = ek[j] > (X)1e-12 ? ek[j] : (X)1e-12;                       \
+                    gv = (-wzk[j] / den) * fac[j];                                     \
                 }                                                                      \
-                gk[q] = a->valid[q] ? gv : (X)0;                                       \
+                g[k * a->gcs + j] = ok[j] != (X)0 ? gv : (X)0;                         \
             }                                                                          \
         }                                                                              \
     }                                                                                  \
     tile_sums r = {count, bad};                                                        \
     return r;                                                                          \
 }                                                                                      \
-FASTSCE_CLONES static tile_sums tile_##XN##_##TN##_00(const tile_args *a)               \
+/* (1), streaming whole class rows of the tile: the maxima, and per pixel              \
+ * how many of its soft targets lie outside [0, scale]. */                             \
+ALWAYS_INLINE void rows_##XN##_##TN(const tile_args *a, int from_logits)               \
+{                                                                                      \
+    const X *x = (const X *)a->x;                                                      \
+    const T *z = (const T *)a->z;                                                      \
+    X *mx = (X *)a->mx, *nbad = (X *)a->nbad;                                          \
+    const int64_t n = a->n, C = a->C;                                                  \
+    if (from_logits) {                                                                 \
+        SIMD for (int64_t q = 0; q < n; q++) mx[q] = x[q];                             \
+        for (int64_t k = 1; k < C; k++)                                                \
+            SIMD for (int64_t q = 0; q < n; q++) {                                     \
+                X v = x[k * a->xcs + q];                                               \
+                mx[q] = v > mx[q] ? v : mx[q];                                         \
+            }                                                                          \
+    }                                                                                  \
+    if (!IS_HARD(T)) {                                                                 \
+        const X sc = (X)a->p->scale;                                                   \
+        SIMD for (int64_t q = 0; q < n; q++) nbad[q] = (X)0;                           \
+        for (int64_t k = 0; k < C; k++)                                                \
+            SIMD for (int64_t q = 0; q < n; q++) {                                     \
+                X t = (X)z[k * a->zcs + q];                                            \
+                nbad[q] += (t >= (X)0 && t <= sc) ? (X)0 : (X)1;                       \
+            }                                                                          \
+    }                                                                                  \
+}                                                                                      \
+ALWAYS_INLINE tile_sums tile_##XN##_##TN(const tile_args *a, int from_logits,          \
+                                         int divergence)                               \
+{                                                                                      \
+    rows_##XN##_##TN(a, from_logits);                                                  \
+    tile_sums r = {0, 0};                                                              \
+    for (int64_t q0 = 0; q0 < a->n; q0 += CHUNK) {                                     \
+        tile_sums c = a->n - q0 >= CHUNK                                               \
+            ? chunk_##XN##_##TN(a, q0, CHUNK, from_logits, divergence)                 \
+            : chunk_##XN##_##TN(a, q0, a->n - q0, from_logits, divergence);            \
+        r.count += c.count;                                                            \
+        r.bad += c.bad;                                                                \
+    }                                                                                  \
+    return r;                                                                          \
+}                                                                                      \
+FASTSCE_CLONES static tile_sums tile_##XN##_##TN##_00(const tile_args *a)              \
 { return tile_##XN##_##TN(a, 0, 0); }                                                  \
-FASTSCE_CLONES static tile_sums tile_##XN##_##TN##_01(const tile_args *a)               \
+FASTSCE_CLONES static tile_sums tile_##XN##_##TN##_01(const tile_args *a)              \
 { return tile_##XN##_##TN(a, 0, 1); }                                                  \
-FASTSCE_CLONES static tile_sums tile_##XN##_##TN##_10(const tile_args *a)               \
+FASTSCE_CLONES static tile_sums tile_##XN##_##TN##_10(const tile_args *a)              \
 { return tile_##XN##_##TN(a, 1, 0); }                                                  \
-FASTSCE_CLONES static tile_sums tile_##XN##_##TN##_11(const tile_args *a)               \
+FASTSCE_CLONES static tile_sums tile_##XN##_##TN##_11(const tile_args *a)              \
 { return tile_##XN##_##TN(a, 1, 1); }                                                  \
 /* index = from_logits << 1 | divergence */                                            \
 static const tile_fn tiles_##XN##_##TN[4] = {                                          \
@@ -218,21 +265,53 @@ DEFINE_FIRST_BAD_PIXEL(i64, int64_t)
 typedef int64_t (*first_bad_pixel_fn)(const uint8_t *, const void *, int64_t, int64_t,
                                       int64_t, double);
 
-/* Copy a tile between (pixel stride ps, class stride cs) and [C][tsz]. */
+/* Class stride of the gather buffers: a tile plus one cache line, so that a
+ * pixel's classes do not all fall in one cache set (a power-of-two stride). */
+#define BUF_STRIDE(tsz) ((tsz) + 16)
+
+/* Copy a tile between (pixel stride ps, class stride cs) and [C][bs]; typed
+ * loops per item size (a memcpy per element would cost more than the loss). */
+#define DEFINE_GATHER(NAME, U)                                                         \
+static void NAME(const U *src, int64_t ps, int64_t cs, int64_t n, int64_t C, U *buf,    \
+                 int64_t bs)                                                           \
+{                                                                                      \
+    for (int64_t q = 0; q < n; q++)                                                    \
+        for (int64_t k = 0; k < C; k++) buf[k * bs + q] = src[q * ps + k * cs];        \
+}
+#define DEFINE_SCATTER(NAME, U)                                                        \
+static void NAME(U *dst, int64_t ps, int64_t cs, int64_t n, int64_t C, const U *buf,    \
+                 int64_t bs)                                                           \
+{                                                                                      \
+    for (int64_t q = 0; q < n; q++)                                                    \
+        for (int64_t k = 0; k < C; k++) dst[q * ps + k * cs] = buf[k * bs + q];        \
+}
+DEFINE_GATHER(gather1, uint8_t)
+DEFINE_GATHER(gather2, uint16_t)
+DEFINE_GATHER(gather4, uint32_t)
+DEFINE_GATHER(gather8, uint64_t)
+DEFINE_SCATTER(scatter4, uint32_t)       /* gradients: float32 and float64 */
+DEFINE_SCATTER(scatter8, uint64_t)
+
 static void gather_classes(const char *base, int64_t off, int64_t ps, int64_t cs, int64_t n,
-                           int64_t C, int64_t item, char *buf, int64_t tsz)
+                           int64_t C, int64_t item, char *buf, int64_t bs)
 {
-    for (int64_t k = 0; k < C; k++)
-        for (int64_t q = 0; q < n; q++)
-            memcpy(buf + (k * tsz + q) * item, base + (off + k * cs + q * ps) * item, (size_t)item);
+    const char *src = base + off * item;
+    switch (item) {
+    case 1: gather1((const uint8_t *)src, ps, cs, n, C, (uint8_t *)buf, bs); break;
+    case 2: gather2((const uint16_t *)src, ps, cs, n, C, (uint16_t *)buf, bs); break;
+    case 4: gather4((const uint32_t *)src, ps, cs, n, C, (uint32_t *)buf, bs); break;
+    default: gather8((const uint64_t *)src, ps, cs, n, C, (uint64_t *)buf, bs); break;
+    }
 }
 
 static void scatter_classes(char *base, int64_t off, int64_t ps, int64_t cs, int64_t n,
-                            int64_t C, int64_t item, const char *buf, int64_t tsz)
+                            int64_t C, int64_t item, const char *buf, int64_t bs)
 {
-    for (int64_t k = 0; k < C; k++)
-        for (int64_t q = 0; q < n; q++)
-            memcpy(base + (off + k * cs + q * ps) * item, buf + (k * tsz + q) * item, (size_t)item);
+    char *dst = base + off * item;
+    switch (item) {
+    case 4: scatter4((uint32_t *)dst, ps, cs, n, C, (const uint32_t *)buf, bs); break;
+    default: scatter8((uint64_t *)dst, ps, cs, n, C, (const uint64_t *)buf, bs); break;
+    }
 }
 
 /* Gather (or scatter) one pixel-shaped row with stride st. */
@@ -261,31 +340,34 @@ typedef struct {
 
 /* Per-thread scratch, carved from one allocation after this header. */
 typedef struct {
-    char *xs, *zs, *gs, *e, *mx, *row[FASTSCE_NSLOTS];
-    int64_t *am;
-    double *s, *W, *A, *H, *lbuf;
+    char *xs, *zs, *gs, *e, *mx, *nbad, *row[FASTSCE_NSLOTS];
+    double *lbuf;
     uint8_t *valid;
 } softmax_scratch;
 
 static void *softmax_scratch_alloc(const void *ctx)
 {
     const softmax_walk *k = ctx;
-    const size_t ct = (size_t)(k->C * k->tsz) * 8, t = (size_t)k->tsz * 8;
-    softmax_scratch *sc = malloc(sizeof *sc + 4 * ct + (2 + FASTSCE_NSLOTS + 4) * t
-                                 + (size_t)FASTSCE_BLOCK * 8 + (size_t)k->tsz);
+    const int nd = k->ndim;
+    /* [C][tile] buffers only for class-shaped operands whose pixels are strided */
+    size_t ct[3] = {0, 0, 0};
+    const int slots[3] = {SX, ST, SG};
+    for (int i = 0; i < 3; i++)
+        if (k->base[slots[i]] && k->strides[slots[i] * nd + nd - 1] != 1)
+            ct[i] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->item[slots[i]]);
+    const size_t t = (size_t)k->tsz * 8, ce = (size_t)(k->C * CHUNK) * 16;
+    softmax_scratch *sc = malloc(sizeof *sc + ct[0] + ct[1] + ct[2] + ce
+                                 + (FASTSCE_NSLOTS + 2) * t + (size_t)FASTSCE_BLOCK * 8
+                                 + (size_t)k->tsz);
     if (!sc) return NULL;
     char *c = (char *)(sc + 1);
-    sc->xs = c; c += ct;
-    sc->zs = c; c += ct;
-    sc->gs = c; c += ct;
-    sc->e = c; c += ct;
+    sc->xs = c; c += ct[0];
+    sc->zs = c; c += ct[1];
+    sc->gs = c; c += ct[2];
+    sc->e = c; c += ce;
     sc->mx = c; c += t;
-    sc->am = (int64_t *)c; c += t;
+    sc->nbad = c; c += t;
     for (int s = 0; s < FASTSCE_NSLOTS; s++) { sc->row[s] = c; c += t; }
-    sc->s = (double *)c; c += t;
-    sc->W = (double *)c; c += t;
-    sc->A = (double *)c; c += t;
-    sc->H = (double *)c; c += t;
     sc->lbuf = (double *)c; c += (size_t)FASTSCE_BLOCK * 8;
     sc->valid = (uint8_t *)c;
     return sc;
@@ -304,7 +386,7 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
     const softmax_walk *k = ctx;
     softmax_scratch *sc = scratch;
     const int nd = k->ndim;
-    const int64_t inner = k->shape[nd - 1], C = k->C, tsz = k->tsz;
+    const int64_t inner = k->shape[nd - 1], C = k->C, tsz = k->tsz, bs = BUF_STRIDE(tsz);
     const int64_t *st = k->strides, *cst = k->cstrides;
     int64_t start, stop;
     const int64_t grp = block_range(b, k->group_size, &start, &stop);
@@ -318,15 +400,14 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
         row_offsets(nd, k->shape, st, FASTSCE_NSLOTS, row, col, off);
         tile_args a;
         memset(&a, 0, sizeof a);
-        a.n = n; a.C = C; a.tsz = tsz; a.p = k->p; a.cw = k->cw;
+        a.n = n; a.C = C; a.p = k->p; a.cw = k->cw;
         a.gs = k->gscale[grp];
-        a.e = sc->e; a.mx = sc->mx; a.am = sc->am; a.s = sc->s; a.W = sc->W; a.A = sc->A; a.H = sc->H;
-        a.valid = sc->valid; a.lbuf = sc->lbuf + (i - start);
+        a.e = sc->e; a.mx = sc->mx; a.nbad = sc->nbad; a.valid = sc->valid; a.lbuf = sc->lbuf + (i - start);
         /* class-shaped operands: in place if pixels are contiguous, else gathered */
         if (PSTRIDE(SX) == 1) { a.x = k->base[SX] + off[SX] * k->item[SX]; a.xcs = cst[SX]; }
         else {
-            gather_classes(k->base[SX], off[SX], PSTRIDE(SX), cst[SX], n, C, k->item[SX], sc->xs, tsz);
-            a.x = sc->xs; a.xcs = tsz;
+            gather_classes(k->base[SX], off[SX], PSTRIDE(SX), cst[SX], n, C, k->item[SX], sc->xs, bs);
+            a.x = sc->xs; a.xcs = bs;
         }
         if (k->hard) {
             const char *zr = k->base[ST] + off[ST] * k->item[ST];
@@ -334,12 +415,12 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
             a.z = zr;
         } else if (PSTRIDE(ST) == 1) { a.z = k->base[ST] + off[ST] * k->item[ST]; a.zcs = cst[ST]; }
         else {
-            gather_classes(k->base[ST], off[ST], PSTRIDE(ST), cst[ST], n, C, k->item[ST], sc->zs, tsz);
-            a.z = sc->zs; a.zcs = tsz;
+            gather_classes(k->base[ST], off[ST], PSTRIDE(ST), cst[ST], n, C, k->item[ST], sc->zs, bs);
+            a.z = sc->zs; a.zcs = bs;
         }
         if (k->base[SG]) {
             if (PSTRIDE(SG) == 1) { a.g = (char *)k->base[SG] + off[SG] * k->item[SG]; a.gcs = cst[SG]; }
-            else { a.g = sc->gs; a.gcs = tsz; }
+            else { a.g = sc->gs; a.gcs = bs; }
         }
         for (int s = SW; s <= SM; s++) {            /* pixel-shaped inputs */
             if (!k->base[s]) continue;
@@ -351,7 +432,7 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
             a.l = PSTRIDE(SL) == 1 ? (char *)k->base[SL] + off[SL] * k->item[SL] : sc->row[SL];
         tile_sums r = k->tile(&a);
         if (k->base[SG] && PSTRIDE(SG) != 1)
-            scatter_classes((char *)k->base[SG], off[SG], PSTRIDE(SG), cst[SG], n, C, k->item[SG], sc->gs, tsz);
+            scatter_classes((char *)k->base[SG], off[SG], PSTRIDE(SG), cst[SG], n, C, k->item[SG], sc->gs, bs);
         if (k->base[SL] && PSTRIDE(SL) != 1)
             move_row((char *)k->base[SL] + off[SL] * k->item[SL], sc->row[SL], PSTRIDE(SL), 1, n, k->item[SL]);
         if (r.bad && first < 0) first = i + k->first_bad(sc->valid, a.z, a.zcs, n, C, k->p->scale);

@@ -5,16 +5,20 @@ Design
 * Pixels are walked like the binary loss's elements (`_layout`, C order over
   the pixel shape); the class axis is a stride. Rows are cut into tiles of
   `softmax_tile(C)` pixels. A tile whose pixels are not contiguous (NHWC) is
-  gathered into a [C][tile] scratch first, so every layout runs the same
+  gathered into a [C][tile + 16] scratch first (the extra cache line keeps a
+  pixel's classes out of one cache set), so every layout runs the same
   class-outer, pixel-inner loops: they vectorize across pixels, and NCHW and
   NHWC give bitwise the same numbers.
-* Per tile, four passes over data in cache: (1) max over classes and the
-  first class reaching it; (2) exp(x - m) (with the rounding of x - m put
-  back, TwoSum) and the per-pixel float64 sums r = sum of the other classes'
-  exps, W = sum w z, A = sum w z (m - x); (3) the per-pixel loss
-  A + W log1p(r), every term non-negative, so full relative precision even
-  for a dominant class; (4) the gradient W e / (1 + r) - w z. Each logit and target is
-  read from memory once, each gradient element written once.
+* Per tile: (1) stream whole class rows once for the per-pixel maximum and
+  the count of out-of-range soft targets (this also brings the tile into
+  cache). Then per chunk of pixels, with its per-pixel sums kept close:
+  (2) exp(x - m) (the rounding of x - m put back, TwoSum), stored with w z
+  for (4), and float64 sums r = sum of the exps of the classes below the
+  maximum (the maxima's exps are exactly 1 and are counted), W = sum w z,
+  A = sum w z (m - x); (3) the pixel loss A + W log1p(r), every term
+  non-negative, so full relative precision even for a dominant class;
+  (4) the gradient W e / (1 + r) - w z. Each logit and target is read from
+  memory once and each gradient element written once.
 * Blocks of BLOCK pixels; each block keeps its pixel losses in a buffer and
   sums it in one fixed loop, so the total does not depend on how rows were
   cut into tiles (layout) or on the thread count.
@@ -31,6 +35,22 @@ from ._numba_kernels import (_ACC, _EXACT, _EXP_SCALED, _MATH, _OPTS, _out, _sca
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
 _TWO_M64 = 2.0 ** -64
+#: Pixels per chunk. The C twin uses 16 and keeps the per-pixel sums in
+#: registers; here they live in small arrays, and longer chunks amortize the
+#: loop set-up. Nothing computed depends on it.
+CHUNK = 64
+
+
+def buffer_stride(tile):
+    """Class stride of the gather buffers (C: BUF_STRIDE)."""
+    return tile + 16
+
+
+@jit("log1p_pos", **_EXACT)
+def _log1p_pos(r):
+    """log1p(r) for r >= 0 in float64; both branches computed, as in C."""
+    near = M.log1p_unit_f64(r if r <= 1.0 else 0.0)[0]
+    return near if r <= 1.0 else M.log_f64(1.0 + r)
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,18 +65,16 @@ def _tile(from_logits, divergence, hard, ftype):
     clamp, floor = F(LOG_CLAMP), F(DENOM_FLOOR)
 
     @jit(key, **_EXACT)
-    def target(z, zo, zcs, k, p, inv, keep, shift):
-        """z_k of pixel p, scaled and smoothed."""
+    def target(zr, k, j, inv, keep, shift):
+        """z_k of pixel j, scaled and smoothed; zr: the tile's class-k row
+        (soft) or its class indices (hard)."""
         if hard:
-            return (keep if z[p] == k else zero) + shift
-        return F(z[zo + k * zcs + p]) * inv * keep + shift
+            return (keep if zr[j] == k else zero) + shift
+        return F(zr[j]) * inv * keep + shift
 
     @jit(key, **_EXACT)
-    def class_terms(v, mx, zv, cwk):
-        """(e, e as float64, w z, w z (m - x), w z log z) of one class."""
-        wz = cwk * zv
-        e = zero
-        e64 = 0.0
+    def class_terms(v, mx, wz):
+        """(e, e as float64 or 0 for a maximum, a tie count, w z (m - x)) of one class."""
         if from_logits:
             d = zero if v == mx else v - mx       # x = m = +inf: the limit, d = 0
             # TwoSum: err is what rounding x - m lost; exp(d + err) = e (1 + err)
@@ -72,122 +90,132 @@ def _tile(from_logits, divergence, hard, ftype):
             e64 = np.float64(e) * (_TWO_M64 if low else 1.0)
             e = e * F(_TWO_M64) if low else e
             a = zero if wz == zero else wz * -d
-        else:
-            lc = log(v)
-            lc = clamp if lc < clamp else lc
-            a = zero if wz == zero else -(wz * lc)
-        h = zero
-        if divergence:
-            h = zero if wz == zero else wz * log(zv)
-        return e, e64, wz, a, h
+            # the maxima's exps are exactly 1: counted, not summed, so the
+            # sum is r, the other classes', and log(1 + r) = log1p(r)
+            tie = one if d == zero else zero
+            return e, (0.0 if d == zero else e64), tie, a
+        lc = log(v)
+        lc = clamp if lc < clamp else lc
+        return v, 0.0, zero, (zero if wz == zero else -(wz * lc))
 
-    @jit(key, **_EXACT)
-    def class_grad(v, ev, wf, isf, wz, fac):
-        if from_logits:
-            return (wf * (ev * isf) - wz) * fac
-        den = v if v > floor else floor
-        return (-wz / den) * fac
-
-    @jit(key, **_EXACT)
-    def log1p_pos(r):
-        """log1p(r) for r >= 0 in float64."""
-        return M.log1p_unit_f64(r)[0] if r <= 1.0 else M.log_f64(1.0 + r)
-
-    @jit(key, fastmath=False, **_OPTS)   # its sums are per pixel, not reductions
+    # Every loop indexes a row slice with its range variable: Numba then knows
+    # the index is not negative and emits plain vector loads (a computed
+    # index costs a wraparound test and gathers).
+    @jit(key, fastmath=False, **_OPTS)
     def tile(x, xo, xcs, z, zo, zcs, w, m, g, go, gcs, l, n, C, cw, scale, eps, ignore,
-             gs, e, tsz, mx, am, s, W, A, H, valid, lbuf, lo):
-        sc = F(scale)
+             gs, sc, valid, lb):
+        """(1) streaming whole class rows, then steps (2)-(4) chunk by chunk."""
+        mx, nbad, e, wzs, s, W, A, H, ties, ok, wf, isr, fac = sc
+        sca = F(scale)
+        if from_logits:
+            x0 = x[xo:xo + n]
+            for q in range(n):
+                mx[q] = x0[q]
+            for k in range(1, C):
+                xk = x[xo + k * xcs:xo + k * xcs + n]
+                for q in range(n):
+                    mx[q] = xk[q] if xk[q] > mx[q] else mx[q]
+        if not hard:
+            for q in range(n):
+                nbad[q] = zero
+            for k in range(C):
+                zk = z[zo + k * zcs:zo + k * zcs + n]
+                for q in range(n):
+                    t = F(zk[q])
+                    nbad[q] += zero if (t >= zero and t <= sca) else one
         inv = F(1.0 / scale)
         keep = F(1.0 - eps)
         shift = F(eps / C)
-        # (1) max over classes and its first class
-        for p in range(n):
-            am[p] = 0
-        if from_logits:
-            for p in range(n):
-                mx[p] = x[xo + p]
-            for k in range(1, C):
-                xk = x[xo + k * xcs: xo + k * xcs + n]
-                for p in range(n):
-                    up = xk[p] > mx[p]
-                    mx[p] = xk[p] if up else mx[p]
-                    am[p] = k if up else am[p]
-        # (2) per-class terms, summed per pixel in float64; s sums the classes
-        # other than the first max (whose exp is 1), so log(1 + s) = log1p(s).
-        for p in range(n):
-            s[p] = 0.0
-            W[p] = 0.0
-            A[p] = 0.0
-            H[p] = 0.0
-        for k in range(C):
-            xk = x[xo + k * xcs: xo + k * xcs + n]
-            ek = e[k * tsz: k * tsz + n]
-            cwk = one if cw is None else cw[k]
-            for p in range(n):
-                zv = target(z, zo, zcs, k, p, inv, keep, shift)
-                ev, e64, wz, a, h = class_terms(xk[p], mx[p], zv, cwk)
-                ek[p] = ev
-                s[p] += 0.0 if k == am[p] else e64
-                W[p] += np.float64(wz)
-                A[p] += np.float64(a)
-                H[p] += np.float64(h)
-        # (3) per-pixel loss; valid, 1/s and the gradient factor kept for (4)
+        fgs = F(gs)
         count = 0
         bad = 0
-        for p in range(n):
-            ok = True
-            if m is not None:
-                ok = m[p]
-            if hard:
-                if ignore is not None:
-                    ok = ok and z[p] != ignore
-                bad += ok and not (z[p] >= 0 and z[p] < C)
-            loss64 = A[p] + H[p]
-            if from_logits:
-                loss64 += 0.0 if W[p] == 0.0 else W[p] * log1p_pos(s[p])
-            loss = F(loss64)
-            wp = one if w is None else w[p]
-            loss = loss * wp if ok else zero
-            lbuf[lo + p] = np.float64(loss)
-            if l is not None:
-                l[p] = loss
-            count += ok
-            valid[p] = ok
-            s[p] = 1.0 / (1.0 + s[p])
-            H[p] = wp * F(gs)
-        if not hard:
-            for k in range(C):
-                for p in range(n):
-                    t = F(z[zo + k * zcs + p])
-                    bad += valid[p] and not (t >= zero and t <= sc)
-        # (4) gradient
-        if g is not None:
-            for k in range(C):
-                xk = x[xo + k * xcs: xo + k * xcs + n]
-                ek = e[k * tsz: k * tsz + n]
-                gk = g[go + k * gcs: go + k * gcs + n]
+        for q0 in range(0, n, CHUNK):
+            np_ = min(CHUNK, n - q0)
+            for j in range(np_):
+                s[j] = 0.0
+                W[j] = 0.0
+                A[j] = 0.0
+                H[j] = 0.0
+                ties[j] = zero
+            mxc = mx[q0:q0 + np_]
+            zp = z[q0:q0 + np_]                    # hard: the class indices
+            for k in range(C):                     # (2) exps and sums
                 cwk = one if cw is None else cw[k]
-                for p in range(n):
-                    zv = target(z, zo, zcs, k, p, inv, keep, shift)
-                    gv = class_grad(xk[p], ek[p], F(W[p]), F(s[p]), cwk * zv, F(H[p]))
-                    gk[p] = gv if valid[p] else zero
+                xk = x[xo + k * xcs + q0:xo + k * xcs + q0 + np_]
+                zr = zp if hard else z[zo + k * zcs + q0:zo + k * zcs + q0 + np_]
+                ek = e[k * CHUNK:k * CHUNK + np_]
+                wzk = wzs[k * CHUNK:k * CHUNK + np_]
+                for j in range(np_):
+                    zv = target(zr, k, j, inv, keep, shift)
+                    wz = cwk * zv
+                    ev, e64, tie, a = class_terms(xk[j], mxc[j], wz)
+                    ek[j] = ev
+                    wzk[j] = wz
+                    ties[j] += tie
+                    s[j] += e64
+                    W[j] += np.float64(wz)
+                    A[j] += np.float64(a)
+                    if divergence:
+                        H[j] += np.float64(zero if wz == zero else wz * log(zv))
+            vc = valid[q0:q0 + np_]
+            for j in range(np_):
+                v = True
+                if m is not None:
+                    v = m[q0 + j] != 0
+                if hard and ignore is not None:
+                    v = v and zp[j] != ignore
+                ok[j] = one if v else zero
+                vc[j] = v
+            nb = nbad[q0:q0 + np_]
+            lc = lb[q0:q0 + np_]
+            for j in range(np_):                   # (3) pixel losses
+                v = ok[j] != zero
+                if hard:
+                    bad += v and not (zp[j] >= 0 and zp[j] < C)
+                else:
+                    bad += v and nb[j] != zero
+                count += v
+                loss64 = A[j] + H[j] if divergence else A[j]
+                rr = s[j] + (np.float64(ties[j]) - 1.0)
+                if from_logits:
+                    loss64 += 0.0 if W[j] == 0.0 else W[j] * _log1p_pos(rr)
+                wp = one if w is None else w[q0 + j]
+                lc[j] = np.float64(F(loss64) * wp) if v else 0.0
+                wf[j] = F(W[j])
+                isr[j] = F(1.0 / (1.0 + rr))
+                fac[j] = wp * fgs
+            if l is not None:
+                for j in range(np_):
+                    l[q0 + j] = F(lc[j])
+            if g is not None:                      # (4) gradient
+                for k in range(C):
+                    gk = g[go + k * gcs + q0:go + k * gcs + q0 + np_]
+                    ek = e[k * CHUNK:k * CHUNK + np_]
+                    wzk = wzs[k * CHUNK:k * CHUNK + np_]
+                    for j in range(np_):
+                        if from_logits:
+                            gv = (wf[j] * (ek[j] * isr[j]) - wzk[j]) * fac[j]
+                        else:
+                            den = ek[j] if ek[j] > floor else floor
+                            gv = (-wzk[j] / den) * fac[j]
+                        gk[j] = gv if ok[j] != zero else zero
         return count, bad
 
     return tile
 
 
 @jit(**_OPTS)
-def _gather_classes(flat, off, pstride, cstride, n, C, buf, tsz):
-    for k in range(C):
-        for p in range(n):
-            buf[k * tsz + p] = flat[off + k * cstride + p * pstride]
+def _gather_classes(flat, off, pstride, cstride, n, C, buf, bs):
+    for p in range(n):
+        for k in range(C):
+            buf[k * bs + p] = flat[off + k * cstride + p * pstride]
 
 
 @jit(**_OPTS)
-def _scatter_classes(flat, off, pstride, cstride, n, C, buf, tsz):
-    for k in range(C):
-        for p in range(n):
-            flat[off + k * cstride + p * pstride] = buf[k * tsz + p]
+def _scatter_classes(flat, off, pstride, cstride, n, C, buf, bs):
+    for p in range(n):
+        for k in range(C):
+            flat[off + k * cstride + p * pstride] = buf[k * bs + p]
 
 
 @jit(**_OPTS)
@@ -224,24 +252,24 @@ def _driver(from_logits, divergence, hard, ftype):
             scale, eps, ignore, gscale, part_loss, part_count, part_bad, part_first):
         ndim = shape.size
         inner = shape[ndim - 1]
+        bs = tsz + 16                  # buffer_stride(tsz)
         for b in prange(part_loss.size):
             grp, start, stop = block_range(b, group_size)
-            e = np.empty(C * tsz, x.dtype)
-            xs = np.empty(C * tsz if strides[0, ndim - 1] != 1 else 0, x.dtype)
-            zs = np.empty(C * tsz if not hard and strides[1, ndim - 1] != 1 else 0, z.dtype)
+            xs = np.empty(C * bs if strides[0, ndim - 1] != 1 else 0, x.dtype)
+            zs = np.empty(C * bs if not hard and strides[1, ndim - 1] != 1 else 0, z.dtype)
             zp = np.empty(tsz if hard else 0, z.dtype)
-            gb = _scratch(g, C * tsz if strides[5, ndim - 1] != 1 else 0)
+            gb = _scratch(g, C * bs if strides[5, ndim - 1] != 1 else 0)
             wb = _scratch(w, tsz)
             mb = _scratch(m, tsz)
             lb = _scratch(l, tsz)
-            mx = np.empty(tsz, x.dtype)
-            am = np.empty(tsz, np.int64)
-            s = np.empty(tsz)
-            W = np.empty(tsz)
-            A = np.empty(tsz)
-            H = np.empty(tsz)
             valid = np.empty(tsz, np.bool_)
             lbuf = np.empty(stop - start)
+            # the tile's working set: per tile, per chunk of classes, per chunk
+            sc = (np.empty(tsz, x.dtype), np.empty(tsz, x.dtype),
+                  np.empty(C * CHUNK, x.dtype), np.empty(C * CHUNK, x.dtype),
+                  np.empty(CHUNK), np.empty(CHUNK), np.empty(CHUNK), np.empty(CHUNK),
+                  np.empty(CHUNK, x.dtype), np.empty(CHUNK, x.dtype), np.empty(CHUNK, x.dtype),
+                  np.empty(CHUNK, x.dtype), np.empty(CHUNK, x.dtype))
             count = 0
             bad = 0
             first = -1
@@ -252,27 +280,27 @@ def _driver(from_logits, divergence, hard, ftype):
                 # class-shaped operands: in place if pixels are contiguous, else gathered
                 xa, xo, xcs = x, off[0], cstrides[0]
                 if strides[0, ndim - 1] != 1:
-                    _gather_classes(x, off[0], strides[0, ndim - 1], cstrides[0], n, C, xs, tsz)
-                    xa, xo, xcs = xs, 0, tsz
+                    _gather_classes(x, off[0], strides[0, ndim - 1], cstrides[0], n, C, xs, bs)
+                    xa, xo, xcs = xs, 0, bs
                 if hard:
                     za, zo, zcs = _view(z, off[1], strides[1, ndim - 1], n, zp), 0, 0
                 else:
                     za, zo, zcs = z, off[1], cstrides[1]
                     if strides[1, ndim - 1] != 1:
                         _gather_classes(z, off[1], strides[1, ndim - 1], cstrides[1], n, C,
-                                        zs, tsz)
-                        za, zo, zcs = zs, 0, tsz
+                                        zs, bs)
+                        za, zo, zcs = zs, 0, bs
                 ga, go, gcs = g, off[5], cstrides[5]
                 if g is not None and strides[5, ndim - 1] != 1:
-                    ga, go, gcs = gb, 0, tsz
+                    ga, go, gcs = gb, 0, bs
                 wv = _view(w, off[2], strides[2, ndim - 1], n, wb)
                 mv = _view(m, off[3], strides[3, ndim - 1], n, mb)
                 lv = _out(l, off[6], strides[6, ndim - 1], n, lb)
                 c, bd = tile(xa, xo, xcs, za, zo, zcs, wv, mv, ga, go, gcs, lv, n, C, cw,
-                             scale, eps, ignore, gscale[grp], e, tsz, mx, am, s, W, A, H, valid,
-                             lbuf, i - start)
+                             scale, eps, ignore, gscale[grp], sc, valid,
+                             lbuf[i - start:i - start + n])
                 if g is not None and strides[5, ndim - 1] != 1:
-                    _scatter_classes(g, off[5], strides[5, ndim - 1], cstrides[5], n, C, gb, tsz)
+                    _scatter_classes(g, off[5], strides[5, ndim - 1], cstrides[5], n, C, gb, bs)
                 _scatter(l, off[6], strides[6, ndim - 1], n, lb)
                 if bd and first < 0:
                     first = i + _first_bad_pixel(valid, za, zo, zcs, n, C, scale, hard)
