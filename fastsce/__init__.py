@@ -5,6 +5,7 @@ reference) sits behind it. See ``info()`` for what this machine offers.
 """
 from ._api import LossResult, sigmoid_cross_entropy, softmax_cross_entropy
 from ._backends import use_backend
+from ._evaluate import Evaluation, evaluate
 from ._errors import (
     BackendUnavailableError,
     FastSCEError,
@@ -20,11 +21,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BLOCK",
     "BackendUnavailableError",
+    "Evaluation",
     "FastSCEError",
     "FastSCETypeError",
     "FastSCEValueError",
     "LossResult",
     "TargetRangeError",
+    "evaluate",
     "info",
     "sigmoid_cross_entropy",
     "softmax_cross_entropy",
