@@ -268,12 +268,14 @@ def sigmoid_cross_entropy(
 
 def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
              divergence, from_logits, target_scale, ignore_value, reduction, reduce_axes,
-             tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads):
-    """The work of the public function: its result and each group's valid count."""
+             tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads,
+             chunk=None):
+    """The work of the public function: its result and each group's valid count
+    (or, for a `chunk` of an Accumulator's map, its partials added to the map's)."""
     impl, threads, want_grad, raw_x, x, compute = _start(reduction, backend, num_threads,
                                                           grad, logits)
     shape = x.shape
-    grouping = Grouping(shape, reduce_axes, tile_shape, reduction)
+    chunk = chunk or _whole(shape, reduce_axes, tile_shape, reduction)
     z = _targets(targets, shape)
     integer_targets = z.dtype.newbyteorder("=") in _INT_TARGETS
     scale = _INT_TARGETS.get(z.dtype.newbyteorder("="), 1.0) if target_scale is None else \
@@ -317,7 +319,13 @@ def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
         check=check, threads=threads,
     )
     return _run(impl, impl.binary, call, reduction, want_grad, gs, out, loss_out, compute,
-                out_dtype, in_place, shape, lambda impl, c: impl.count_valid(c), grouping)
+                out_dtype, in_place, shape, lambda impl, c: impl.count_valid(c), chunk)
+
+
+def _whole(shape, reduce_axes, tile_shape, reduction):
+    """A whole map as its own single chunk."""
+    grouping = Grouping(shape, reduce_axes, tile_shape, reduction)
+    return Chunk(grouping, None, GroupSums(math.prod(grouping.result_shape)))
 
 
 def _start(reduction, backend, num_threads, grad, logits):
@@ -414,19 +422,29 @@ def _split(call, parts):
     return out
 
 
-def _totals(call, results, result_shape, wrote, what):
-    """Per-group (loss, count) of (part, Partials) pairs; raises on bad targets."""
+@dataclass
+class Chunk:
+    """A chunk of a larger map (the Accumulator's): its groups are the map's."""
+
+    grouping: Grouping     # of the whole map
+    origin: tuple          # the chunk's first pixel in the map
+    sums: GroupSums        # the map's per-group partials, added to by every chunk
+
+
+def _totals(call, results, chunk, wrote, what):
+    """Add (part, Partials) pairs to the chunk's group sums (checking targets first)."""
     if call.check:
         bad = sum(p.bad for _, p in results)
         for part, p in results:
             if p.bad:
-                _raise_targets(call, bad, part.origin(p.first_bad), wrote, what)
-    ids = np.arange(math.prod(result_shape)).reshape(result_shape)
-    sums = GroupSums(ids.size)
+                index = part.origin(p.first_bad)
+                if chunk.origin is not None:
+                    index = tuple(i + o for i, o in zip(index, chunk.origin))
+                _raise_targets(call, bad, index, wrote, what)
+    shape = chunk.grouping.result_shape
+    ids = np.arange(math.prod(shape)).reshape(shape)
     for part, p in results:
-        sums.add(ids[part.dest].ravel(), p)
-    loss, count = sums.totals()
-    return loss.reshape(result_shape), count.reshape(result_shape)
+        chunk.sums.add(ids[part.dest].ravel(), p)
 
 
 def _group_scales(parts, reduction, grad_scale, counts):
@@ -439,35 +457,47 @@ def _group_scales(parts, reduction, grad_scale, counts):
 
 
 def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, compute,
-         out_dtype, in_place, grad_shape, precount, grouping, what="index"):
+         out_dtype, in_place, grad_shape, precount, chunk, what="index"):
     """Shared tail of every loss: pre-pass if needed, the kernel on every part of
-    the grouping, checks; the LossResult and each group's valid count."""
+    the grouping, checks; the LossResult and each group's valid count. A chunk
+    of an Accumulator's map only adds its partials (and writes its gradient)."""
     if want_grad:
         call.grad = _buffer(out, grad_shape, compute)
     if reduction == "none":
         call.loss_map = _buffer(loss_out, call.shape, compute)
-    shape = grouping.result_shape
-    parts = _split(_canonical(call), grouping.parts(call.shape))
+    grouping = chunk.grouping
+    parts = _split(_canonical(call), grouping.parts(call.shape, chunk.origin))
     masked = call.m is not None or call.ignore_value is not None
     if (want_grad and reduction == "mean" and masked) or (in_place and call.check):
         # The "mean" gradient needs each group's count before it is written; an
         # in-place gradient needs the targets checked before the logits are overwritten.
-        counts = _totals(call, [(p, precount(impl, c)) for p, c in parts], shape, False,
-                         what)[1]
+        # (An Accumulator refuses masked "mean" gradients: its counts are the map's.)
+        pre = Chunk(grouping, chunk.origin, GroupSums(math.prod(grouping.result_shape)))
+        _totals(call, [(p, precount(impl, c)) for p, c in parts], pre, False, what)
+        counts = pre.sums.totals()[1].reshape(grouping.result_shape)
     else:
-        counts = np.zeros(shape, np.int64)
-        for part, _ in parts:
-            counts[part.dest] = part.group_size
+        counts = grouping.sizes()
     _group_scales(parts, reduction, grad_scale, counts)
-    loss, count = _totals(call, [(p, kernel(c)) for p, c in parts], shape,
-                          want_grad or reduction == "none", what)
+    _totals(call, [(p, kernel(c)) for p, c in parts], chunk, want_grad or reduction == "none",
+            what)
     gradient = _deliver(call.grad, out, out_dtype) if want_grad else None
+    if chunk.origin is not None:
+        return None, None
     if reduction == "none":
-        return LossResult(_deliver(call.loss_map, loss_out, out_dtype), gradient), count
+        return LossResult(_deliver(call.loss_map, loss_out, out_dtype), gradient), None
+    loss, count = reduced(chunk, reduction)
+    return LossResult(loss, gradient), count
+
+
+def reduced(chunk, reduction):
+    """(loss, valid count) of a map's group sums: a float for a full reduction, else
+    an array of the group shape; "mean" divides by the count (NaN for none)."""
+    grouping = chunk.grouping
+    loss, count = (a.reshape(grouping.result_shape) for a in chunk.sums.totals())
     if reduction == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
             loss = np.where(count > 0, loss / np.maximum(count, 1), math.nan)
-    return LossResult(loss if grouping.grouped else float(loss), gradient), count
+    return (loss if grouping.grouped else float(loss)), count
 
 
 def _deliver(buf, given, dtype):
@@ -547,8 +577,9 @@ def softmax_cross_entropy(
 
 def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value,
              label_smoothing, divergence, from_logits, target_scale, reduction, reduce_axes,
-             tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads):
-    """The work of the public function: its result and each group's valid count."""
+             tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads,
+             chunk=None):
+    """The work of the public function (see _sigmoid)."""
     impl, threads, want_grad, raw_x, x, compute = _start(reduction, backend, num_threads,
                                                           grad, logits)
     if x.ndim == 0:
@@ -562,7 +593,7 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
     axis = int(axis) % x.ndim
     C = x.shape[axis]
     pixel_shape = x.shape[:axis] + x.shape[axis + 1:]
-    grouping = Grouping(pixel_shape, reduce_axes, tile_shape, reduction)
+    chunk = chunk or _whole(pixel_shape, reduce_axes, tile_shape, reduction)
     t = np.asarray(targets)
     native_t = t.dtype.newbyteorder("=")
     hard = t.dtype.kind in _LABEL_KINDS and t.shape != x.shape and t.ndim == len(pixel_shape)
@@ -618,7 +649,7 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
         ignore_value=ignore_value, check=check, threads=threads,
     )
     return _run(impl, impl.softmax, call, reduction, want_grad, gs, out, loss_out, compute,
-                out_dtype, in_place, x.shape, _softmax_precount, grouping, what="pixel")
+                out_dtype, in_place, x.shape, _softmax_precount, chunk, what="pixel")
 
 
 def _softmax_precount(impl, call):

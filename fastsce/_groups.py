@@ -45,6 +45,7 @@ class Grouping:
     """A validated reduce_axes / tile_shape (or neither) over a pixel shape."""
 
     def __init__(self, shape, reduce_axes=None, tile_shape=None, reduction="mean"):
+        self.shape = tuple(shape)
         self.ndim = len(shape)
         self.axes = self.tile = None
         if reduce_axes is not None and tile_shape is not None:
@@ -73,6 +74,18 @@ class Grouping:
             (H, W), (th, tw) = shape[-2:], self.tile
             return tuple(shape[:-2]) + (-(-H // th), -(-W // tw))
         return ()
+
+    def sizes(self):
+        """Elements (pixels) of each group of the whole map: its count when none is masked."""
+        if self.axes is not None:
+            return np.full(self.result_shape, math.prod(self.shape[d] for d in self.axes),
+                           np.int64)
+        if self.tile is not None:
+            (H, W), (th, tw) = self.shape[-2:], self.tile
+            rows = np.minimum(th, H - th * np.arange(self.result_shape[-2]))
+            cols = np.minimum(tw, W - tw * np.arange(self.result_shape[-1]))
+            return np.broadcast_to(np.multiply.outer(rows, cols), self.result_shape).astype(np.int64)
+        return np.array(math.prod(self.shape), np.int64)
 
     def parts(self, shape, origin=None):
         """Parts of a chunk of pixel shape `shape` starting at `origin` in the map."""

@@ -6,6 +6,7 @@ full-size temporaries. Every fast backend is tested against it, and it is the
 """
 import numpy as np
 
+from ._layout import BLOCK
 from ._partials import Partials
 
 #: PyTorch BCELoss's clamps for probability inputs (SPEC §1.1).
@@ -93,8 +94,15 @@ def _bad_targets(call, t, valid):
 
 
 def _groups(call, a):
-    """Per-group sums of a (shape-sized) array: groups are runs of group_size."""
-    return np.asarray(a).reshape(-1, call.group_size).sum(axis=1, keepdims=True)
+    """Per-group, per-block sums of a (shape-sized) array: groups are runs of
+    group_size elements cut into blocks of BLOCK, as the fast kernels cut them,
+    so chunks of an Accumulator that fall on block edges sum the same blocks."""
+    per = -(-call.group_size // BLOCK)
+    if per == 1:
+        return np.reshape(a, (-1, call.group_size)).sum(axis=1, keepdims=True, dtype=np.float64)
+    groups = np.zeros((a.size // call.group_size, per * BLOCK))
+    groups[:, :call.group_size] = np.reshape(a, (-1, call.group_size))
+    return groups.reshape(len(groups), per, BLOCK).sum(axis=2)
 
 
 def _per_element(call):
