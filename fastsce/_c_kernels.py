@@ -2,7 +2,7 @@
 
 It turns a validated call into raw pointers, int64 shapes and strides and a
 params struct, runs the kernel (cffi releases the GIL during the call) and
-combines the block partials exactly as the Numba backend does.
+returns the block partials per group (`_partials`) as the Numba backend does.
 """
 import numpy as np
 
