@@ -6,18 +6,21 @@ strided operands (see `_layout`) and never re-check.
 """
 import math
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import _backends, _layout
 from ._errors import FastSCETypeError, FastSCEValueError, TargetRangeError
+from ._groups import Grouping
+from ._partials import GroupSums
 from ._threads import resolve_threads
 
 LossResult = namedtuple("LossResult", ["loss", "grad"])
 LossResult.__doc__ = """Loss and gradient of one call.
 
-loss : float for a full "sum"/"mean" reduction, else an ndarray.
+loss : float for a full "sum"/"mean" reduction, else an ndarray (the loss map,
+    or one loss per group with ``reduce_axes`` / ``tile_shape``).
 grad : ndarray of the input's shape (and dtype), or None with ``grad=False``.
 """
 
@@ -44,7 +47,8 @@ class _Call:
     threads: int
     grad: object = None      # output buffer (compute dtype) or None
     loss_map: object = None  # output buffer (compute dtype) or None
-    gscale: float = 1.0      # multiplies every gradient element
+    group_size: int = 0      # elements (pixels) per group: runs of the C-order walk
+    gscale: object = None    # float64[groups]: each group's gradient factor
 
 
 @dataclass(kw_only=True)
@@ -176,8 +180,8 @@ def _overlaps(a, b):
 def sigmoid_cross_entropy(
     logits, targets, *, weight=None, mask=None, pos_weight=None, label_smoothing=0.0,
     divergence=False, from_logits=True, target_scale=None, ignore_value=None,
-    reduction="mean", grad=True, grad_scale=1.0, out=None, loss_out=None, check=True,
-    backend=None, num_threads=None,
+    reduction="mean", reduce_axes=None, tile_shape=None, grad=True, grad_scale=1.0, out=None,
+    loss_out=None, check=True, backend=None, num_threads=None,
 ):
     r"""Binary (sigmoid) cross-entropy with soft targets, loss and gradient in one pass.
 
@@ -210,6 +214,15 @@ def sigmoid_cross_entropy(
     reduction : {"mean", "sum", "none"}
         "mean" divides the weighted sum by the count of unmasked elements (NaN,
         with a zero gradient, when there are none); "none" returns the loss map.
+    reduce_axes : int or tuple of int, optional
+        "sum"/"mean" over these axes only: one loss per index of the other axes
+        (per image, per channel). Each element's gradient is divided by its own
+        group's count; a group without unmasked elements has loss NaN ("mean")
+        and gradient 0.
+    tile_shape : (int, int), optional
+        "sum"/"mean" per tile of the last two axes (edge tiles smaller): a loss
+        of shape ``shape[:-2] + (ceil(H / th), ceil(W / tw))``. Not with
+        ``reduce_axes``.
     grad : bool
         False skips the gradient (forward only, faster).
     grad_scale : float
@@ -231,7 +244,8 @@ def sigmoid_cross_entropy(
     Returns
     -------
     LossResult
-        ``(loss, grad)``: loss a float ("mean", "sum") or an ndarray ("none").
+        ``(loss, grad)``: loss a float ("mean", "sum"), or an ndarray ("none", or
+        a float64 array of group losses with ``reduce_axes`` / ``tile_shape``).
 
     Notes
     -----
@@ -249,9 +263,19 @@ def sigmoid_cross_entropy(
     thread count. Float16 logits or targets, and weights of another dtype
     than the logits, are converted (copied) first.
     """
+    return _sigmoid(**locals())[0]
+
+
+def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
+             divergence, from_logits, target_scale, ignore_value, reduction, reduce_axes,
+             tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads,
+             chunk=None):
+    """The work of the public function: its result and each group's valid count
+    (or, for a `chunk` of an Accumulator's map, its partials added to the map's)."""
     impl, threads, want_grad, raw_x, x, compute = _start(reduction, backend, num_threads,
                                                           grad, logits)
     shape = x.shape
+    chunk = chunk or _whole(shape, reduce_axes, tile_shape, reduction)
     z = _targets(targets, shape)
     integer_targets = z.dtype.newbyteorder("=") in _INT_TARGETS
     scale = _INT_TARGETS.get(z.dtype.newbyteorder("="), 1.0) if target_scale is None else \
@@ -295,7 +319,13 @@ def sigmoid_cross_entropy(
         check=check, threads=threads,
     )
     return _run(impl, impl.binary, call, reduction, want_grad, gs, out, loss_out, compute,
-                out_dtype, in_place, shape, lambda impl, c: impl.count_valid(c))
+                out_dtype, in_place, shape, lambda impl, c: impl.count_valid(c), chunk)
+
+
+def _whole(shape, reduce_axes, tile_shape, reduction):
+    """A whole map as its own single chunk."""
+    grouping = Grouping(shape, reduce_axes, tile_shape, reduction)
+    return Chunk(grouping, None, GroupSums(math.prod(grouping.result_shape)))
 
 
 def _start(reduction, backend, num_threads, grad, logits):
@@ -340,50 +370,134 @@ def _buffer(given, shape, compute):
     return np.empty(shape, dtype=compute)
 
 
-def _raise_targets(call, totals, wrote, what="index"):
-    index = np.unravel_index(totals.first_bad, call.shape) if call.shape else ()
+def _raise_targets(call, bad, index, wrote, what="index"):
     if getattr(call, "hard", False):
         expected = f"class indices in [0, {call.classes - 1}]"
     else:
         expected = (f"probabilities in [0, 1] (after dividing by "
                     f"target_scale={call.scale:g})")
     raise TargetRangeError(
-        f"`targets` must be {expected}; found {totals.bad} value(s) outside that range "
+        f"`targets` must be {expected}; found {bad} value(s) outside that range "
         f"or NaN, the first at {what} {tuple(int(i) for i in index)}. Fix the targets, "
         "mask them out, or pass check=False."
         + (" `out`/`loss_out` may hold partial results." if wrote else "")
     )
 
 
+def _canonical(call):
+    """The call with every input broadcast to the pixel shape (zero-stride views)
+    and the softmax's class-shaped operands with the class axis last: the form
+    `_groups` views take."""
+    def pix(a):
+        return None if a is None else np.broadcast_to(a, call.shape)
+
+    if isinstance(call, SoftmaxCall):
+        def last(a):
+            return None if a is None else np.moveaxis(a, call.axis, -1)
+
+        z = pix(call.z) if call.hard else last(np.broadcast_to(call.z, call.x.shape))
+        return replace(call, x=last(call.x), z=z, w=pix(call.w), m=pix(call.m),
+                       grad=last(call.grad), axis=call.x.ndim - 1)
+    return replace(call, z=pix(call.z), w=pix(call.w), m=pix(call.m), pw=pix(call.pw))
+
+
+def _split(call, parts):
+    """(part, the canonical call seen through the part's view) for non-empty parts."""
+    out = []
+    for part in parts:
+        if not math.prod(part.shape):
+            continue
+
+        def view(a):
+            return None if a is None else part.view(a)
+
+        fields = dict(shape=part.shape, group_size=part.group_size, x=view(call.x),
+                      z=view(call.z), w=view(call.w), m=view(call.m), grad=view(call.grad),
+                      loss_map=view(call.loss_map))
+        if isinstance(call, SoftmaxCall):
+            fields["axis"] = len(part.shape)
+        else:
+            fields["pw"] = view(call.pw)
+        out.append((part, replace(call, **fields)))
+    return out
+
+
+@dataclass
+class Chunk:
+    """A chunk of a larger map (the Accumulator's): its groups are the map's."""
+
+    grouping: Grouping     # of the whole map
+    origin: tuple          # the chunk's first pixel in the map
+    sums: GroupSums        # the map's per-group partials, added to by every chunk
+
+
+def _totals(call, results, chunk, wrote, what):
+    """Add (part, Partials) pairs to the chunk's group sums (checking targets first)."""
+    if call.check:
+        bad = sum(p.bad for _, p in results)
+        for part, p in results:
+            if p.bad:
+                index = part.origin(p.first_bad)
+                if chunk.origin is not None:
+                    index = tuple(i + o for i, o in zip(index, chunk.origin))
+                _raise_targets(call, bad, index, wrote, what)
+    shape = chunk.grouping.result_shape
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    for part, p in results:
+        chunk.sums.add(ids[part.dest].ravel(), p)
+
+
+def _group_scales(parts, reduction, grad_scale, counts):
+    """Each part's per-group gradient factor: grad_scale, over the group's count for "mean"."""
+    scale = np.full(counts.shape, float(grad_scale))
+    if reduction == "mean":
+        scale = np.divide(scale, counts, out=np.zeros(counts.shape), where=counts > 0)
+    for part, c in parts:
+        c.gscale = np.ascontiguousarray(scale[part.dest], dtype=np.float64).ravel()
+
+
 def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, compute,
-         out_dtype, in_place, grad_shape, precount, what="index"):
-    """Shared tail of every loss: pre-pass if needed, kernel, checks, results."""
-    masked = call.m is not None or call.ignore_value is not None
-    count = int(np.prod(call.shape, dtype=np.int64))
-    if (want_grad and reduction == "mean" and masked) or (in_place and call.check):
-        # The "mean" gradient needs the count before it is written; an in-place
-        # gradient needs the targets checked before the logits are overwritten.
-        pre = precount(impl, call)
-        if call.check and pre.bad:
-            _raise_targets(call, pre, wrote=False, what=what)
-        count = pre.count
+         out_dtype, in_place, grad_shape, precount, chunk, what="index"):
+    """Shared tail of every loss: pre-pass if needed, the kernel on every part of
+    the grouping, checks; the LossResult and each group's valid count. A chunk
+    of an Accumulator's map only adds its partials (and writes its gradient)."""
     if want_grad:
         call.grad = _buffer(out, grad_shape, compute)
-        if reduction == "mean":
-            call.gscale = grad_scale / count if count else 0.0
-        else:
-            call.gscale = grad_scale
     if reduction == "none":
         call.loss_map = _buffer(loss_out, call.shape, compute)
-    totals = kernel(call)
-    if call.check and totals.bad:
-        _raise_targets(call, totals, wrote=want_grad or reduction == "none", what=what)
+    grouping = chunk.grouping
+    parts = _split(_canonical(call), grouping.parts(call.shape, chunk.origin))
+    masked = call.m is not None or call.ignore_value is not None
+    if (want_grad and reduction == "mean" and masked) or (in_place and call.check):
+        # The "mean" gradient needs each group's count before it is written; an
+        # in-place gradient needs the targets checked before the logits are overwritten.
+        # (An Accumulator refuses masked "mean" gradients: its counts are the map's.)
+        pre = Chunk(grouping, chunk.origin, GroupSums(math.prod(grouping.result_shape)))
+        _totals(call, [(p, precount(impl, c)) for p, c in parts], pre, False, what)
+        counts = pre.sums.totals()[1].reshape(grouping.result_shape)
+    else:
+        counts = grouping.sizes()
+    _group_scales(parts, reduction, grad_scale, counts)
+    _totals(call, [(p, kernel(c)) for p, c in parts], chunk, want_grad or reduction == "none",
+            what)
     gradient = _deliver(call.grad, out, out_dtype) if want_grad else None
+    if chunk.origin is not None:
+        return None, None
     if reduction == "none":
-        return LossResult(_deliver(call.loss_map, loss_out, out_dtype), gradient)
-    if reduction == "sum":
-        return LossResult(totals.loss, gradient)
-    return LossResult(totals.loss / totals.count if totals.count else math.nan, gradient)
+        return LossResult(_deliver(call.loss_map, loss_out, out_dtype), gradient), None
+    loss, count = reduced(chunk, reduction)
+    return LossResult(loss, gradient), count
+
+
+def reduced(chunk, reduction):
+    """(loss, valid count) of a map's group sums: a float for a full reduction, else
+    an array of the group shape; "mean" divides by the count (NaN for none)."""
+    grouping = chunk.grouping
+    loss, count = (a.reshape(grouping.result_shape) for a in chunk.sums.totals())
+    if reduction == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            loss = np.where(count > 0, loss / np.maximum(count, 1), math.nan)
+    return (loss if grouping.grouped else float(loss)), count
 
 
 def _deliver(buf, given, dtype):
@@ -401,8 +515,8 @@ _LABEL_KINDS = "iu"
 def softmax_cross_entropy(
     logits, targets, *, axis=1, class_weights=None, weight=None, mask=None,
     ignore_value=None, label_smoothing=0.0, divergence=False, from_logits=True,
-    target_scale=None, reduction="mean", grad=True, grad_scale=1.0, out=None,
-    loss_out=None, check=True, backend=None, num_threads=None,
+    target_scale=None, reduction="mean", reduce_axes=None, tile_shape=None, grad=True,
+    grad_scale=1.0, out=None, loss_out=None, check=True, backend=None, num_threads=None,
 ):
     r"""Multiclass (softmax) cross-entropy with soft targets over a class axis, fused.
 
@@ -435,9 +549,10 @@ def softmax_cross_entropy(
         gradient's denominator at 1e-12, as PyTorch's ``NLLLoss(log(p))``.
     target_scale : float, optional
         Divisor of integer soft targets (default 255 for uint8, 65535 for uint16).
-    reduction, grad, grad_scale, out, loss_out, check, backend, num_threads
+    reduction, reduce_axes, tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads
         As in :func:`sigmoid_cross_entropy`; "mean" divides by the count of
-        unmasked pixels; ``loss_out`` has the pixel shape.
+        unmasked pixels; ``loss_out`` has the pixel shape; ``reduce_axes`` and
+        ``tile_shape`` name axes of the pixel shape (logits without the class axis).
 
     Returns
     -------
@@ -457,6 +572,14 @@ def softmax_cross_entropy(
     logit -inf and target 0 contributes 0 and gets gradient 0. NCHW and
     NHWC layouts of the same data give bitwise the same results.
     """
+    return _softmax(**locals())[0]
+
+
+def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value,
+             label_smoothing, divergence, from_logits, target_scale, reduction, reduce_axes,
+             tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads,
+             chunk=None):
+    """The work of the public function (see _sigmoid)."""
     impl, threads, want_grad, raw_x, x, compute = _start(reduction, backend, num_threads,
                                                           grad, logits)
     if x.ndim == 0:
@@ -470,6 +593,7 @@ def softmax_cross_entropy(
     axis = int(axis) % x.ndim
     C = x.shape[axis]
     pixel_shape = x.shape[:axis] + x.shape[axis + 1:]
+    chunk = chunk or _whole(pixel_shape, reduce_axes, tile_shape, reduction)
     t = np.asarray(targets)
     native_t = t.dtype.newbyteorder("=")
     hard = t.dtype.kind in _LABEL_KINDS and t.shape != x.shape and t.ndim == len(pixel_shape)
@@ -525,7 +649,7 @@ def softmax_cross_entropy(
         ignore_value=ignore_value, check=check, threads=threads,
     )
     return _run(impl, impl.softmax, call, reduction, want_grad, gs, out, loss_out, compute,
-                out_dtype, in_place, x.shape, _softmax_precount, what="pixel")
+                out_dtype, in_place, x.shape, _softmax_precount, chunk, what="pixel")
 
 
 def _softmax_precount(impl, call):
@@ -536,13 +660,14 @@ def _softmax_precount(impl, call):
     """
     common = dict(x=None, w=None, pw=None, from_logits=True, divergence=False,
                   label_smoothing=0.0, check=call.check, threads=call.threads)
+    pixel_groups = dict(common, group_size=call.group_size)
     if call.hard:
         return impl.count_valid(BinaryCall(shape=call.shape, z=call.z, m=call.m,
                                            scale=call.scale, ignore_value=call.ignore_value,
-                                           **common))
+                                           **pixel_groups))
     codes = np.broadcast_to(np.zeros((), np.uint8), call.shape)  # every pixel a valid code
     pixels = impl.count_valid(BinaryCall(shape=call.shape, z=codes, m=call.m, scale=1.0,
-                                         ignore_value=None, **common))
+                                         ignore_value=None, **pixel_groups))
     if not call.check:
         return pixels
     # Walk the elements with the class axis last, so the first bad element
@@ -550,7 +675,8 @@ def _softmax_precount(impl, call):
     z = np.moveaxis(np.broadcast_to(call.z, call.x.shape), call.axis, -1)
     m = None if call.m is None else np.broadcast_to(call.m, call.shape)[..., None]
     elements = impl.count_valid(BinaryCall(shape=z.shape, z=z, m=m, scale=call.scale,
-                                           ignore_value=None, **common))
+                                           ignore_value=None, **common,
+                                           group_size=call.group_size * call.classes))
     first = elements.first_bad // call.classes if elements.bad else -1
     pixels.bad, pixels.first_bad = elements.bad, first
     return pixels

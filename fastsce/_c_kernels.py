@@ -2,13 +2,13 @@
 
 It turns a validated call into raw pointers, int64 shapes and strides and a
 params struct, runs the kernel (cffi releases the GIL during the call) and
-combines the block partials exactly as the Numba backend does.
+returns the block partials per group (`_partials`) as the Numba backend does.
 """
 import numpy as np
 
 from . import _cffi_kernels
 from ._layout import BLOCK, SLOTS, make_plan, softmax_tile
-from ._partials import combine
+from ._partials import from_blocks
 
 ffi, lib = _cffi_kernels.ffi, _cffi_kernels.lib
 
@@ -66,45 +66,44 @@ def _check(status, what):
 def binary(call):
     x, t = _CODES[call.x.dtype], _CODES[call.z.dtype.newbyteorder("=")]
     plan = make_plan(call.shape, {"x": call.x, "z": call.z, "w": call.w, "m": call.m,
-                                  "pw": call.pw, "g": call.grad, "l": call.loss_map})
+                                  "pw": call.pw, "g": call.grad, "l": call.loss_map},
+                     group_size=call.group_size)
     parts = _partials(plan.n_blocks)
     if plan.n_blocks:
-        gscale = np.full(plan.n_groups, call.gscale)
         strides = np.ascontiguousarray(plan.strides)
         fn = getattr(lib, f"fastsce_sigmoid_ce_{x}_{t}")
         _check(fn(len(plan.shape), _i64(plan.shape), plan.group_size,
                   _ptr(plan, "x", x), _ptr(plan, "z", t), _ptr(plan, "w", x),
                   _ptr(plan, "m", "u8"), _ptr(plan, "pw", x), _i64(strides), _params(call),
-                  _f64(gscale), _ptr(plan, "g", x), _ptr(plan, "l", x),
+                  _f64(call.gscale), _ptr(plan, "g", x), _ptr(plan, "l", x),
                   _f64(parts[0]), _i64(parts[1]), _i64(parts[2]), _i64(parts[3])),
                "sigmoid_cross_entropy")
-    return combine(*parts)
+    return from_blocks(*parts, plan.n_groups)
 
 
 def softmax(call):
     x, t = _CODES[call.x.dtype], _CODES[call.z.dtype.newbyteorder("=")]
     plan = make_plan(call.shape, {"x": call.x, "z": call.z, "w": call.w, "m": call.m,
                                   "g": call.grad, "l": call.loss_map},
-                     class_axis=call.axis, full_shape=call.x.shape)
+                     group_size=call.group_size, class_axis=call.axis, full_shape=call.x.shape)
     parts = _partials(plan.n_blocks)
     if plan.n_blocks:
-        gscale = np.full(plan.n_groups, call.gscale)
         strides = np.ascontiguousarray(plan.strides)
         cw = ffi.NULL if call.cw is None else ffi.from_buffer(_CTYPES[x], call.cw)
         fn = getattr(lib, f"fastsce_softmax_ce_{x}_{t}")
         _check(fn(len(plan.shape), _i64(plan.shape), plan.group_size, call.classes,
                   softmax_tile(call.classes), _ptr(plan, "x", x), _ptr(plan, "z", t),
                   _ptr(plan, "w", x), _ptr(plan, "m", "u8"), _i64(strides),
-                  _i64(plan.class_strides), cw, _params(call), _f64(gscale),
+                  _i64(plan.class_strides), cw, _params(call), _f64(call.gscale),
                   _ptr(plan, "g", x), _ptr(plan, "l", x),
                   _f64(parts[0]), _i64(parts[1]), _i64(parts[2]), _i64(parts[3])),
                "softmax_cross_entropy")
-    return combine(*parts)
+    return from_blocks(*parts, plan.n_groups)
 
 
 def count_valid(call):
     t = _CODES[call.z.dtype.newbyteorder("=")]
-    plan = make_plan(call.shape, {"z": call.z, "m": call.m})
+    plan = make_plan(call.shape, {"z": call.z, "m": call.m}, group_size=call.group_size)
     parts = _partials(plan.n_blocks)
     if plan.n_blocks:
         strides = np.ascontiguousarray(plan.strides)
@@ -112,7 +111,7 @@ def count_valid(call):
         _check(fn(len(plan.shape), _i64(plan.shape), plan.group_size,
                   _ptr(plan, "z", t), _ptr(plan, "m", "u8"), _i64(strides), _params(call),
                   _i64(parts[1]), _i64(parts[2]), _i64(parts[3])), "count_valid")
-    return combine(*parts)
+    return from_blocks(*parts, plan.n_groups)
 
 
 def features():

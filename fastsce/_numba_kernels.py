@@ -32,7 +32,7 @@ from numba.extending import overload
 from . import _numba_math as M
 from ._numba_math import jit
 from ._layout import BLOCK, make_plan
-from ._partials import combine
+from ._partials import from_blocks
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
 _ACC = {"reassoc", "nsz"}
@@ -331,7 +331,7 @@ def _driver(segment):
 
 def _launch(run, call, x, g, l):
     plan = make_plan(call.shape, {"x": x, "z": call.z, "w": call.w, "m": call.m,
-                                  "pw": call.pw, "g": g, "l": l})
+                                  "pw": call.pw, "g": g, "l": l}, group_size=call.group_size)
     nb = plan.n_blocks
     part_loss = np.zeros(nb)
     part_count = np.zeros(nb, np.int64)
@@ -340,13 +340,13 @@ def _launch(run, call, x, g, l):
     if nb:
         f = plan.flats
         ignore = None if call.ignore_value is None else call.z.dtype.type(call.ignore_value)
-        gscale = np.full(plan.n_groups, call.gscale, dtype=np.float64)
         with _threads(call.threads):
             run(plan.shape, plan.group_size, f["x"], f["z"], f["w"],
                 None if f["m"] is None else f["m"], f["pw"], f["g"], f["l"],
                 plan.offsets, plan.strides, float(call.scale), float(call.label_smoothing),
-                ignore, gscale, part_loss, part_count, part_bad, part_first)
-    return combine(part_loss, part_count, part_bad, part_first)
+                ignore, np.ones(plan.n_groups) if call.gscale is None else call.gscale,
+                part_loss, part_count, part_bad, part_first)
+    return from_blocks(part_loss, part_count, part_bad, part_first, plan.n_groups)
 
 
 class _threads:
@@ -393,7 +393,7 @@ def softmax(call):
     C = call.classes
     plan = make_plan(call.shape, {"x": call.x, "z": call.z, "w": call.w, "m": call.m,
                                   "g": call.grad, "l": call.loss_map},
-                     class_axis=call.axis, full_shape=call.x.shape)
+                     group_size=call.group_size, class_axis=call.axis, full_shape=call.x.shape)
     nb = plan.n_blocks
     parts = (np.zeros(nb), np.zeros(nb, np.int64), np.zeros(nb, np.int64),
              np.full(nb, -1, np.int64))
@@ -404,5 +404,5 @@ def softmax(call):
             run(plan.shape, plan.group_size, C, softmax_tile(C), f["x"], f["z"], f["w"], f["m"],
                 f["g"], f["l"], plan.offsets, plan.strides, plan.class_strides, call.cw,
                 float(call.scale), float(call.label_smoothing), call.ignore_value,
-                np.full(plan.n_groups, call.gscale), *parts)
-    return combine(*parts)
+                call.gscale, *parts)
+    return from_blocks(*parts, plan.n_groups)

@@ -1,21 +1,63 @@
-"""Block partials -> totals, in a fixed order, for both fast backends."""
+"""Block partials -> per-group totals, in a fixed order, for every backend.
+
+A backend returns, per reduction group, the float64 loss sums and valid
+counts of that group's blocks. A group's loss is the math.fsum of all its
+block partials: fsum rounds their exact sum once, so the result does not
+depend on the order the partials arrive in. That is what lets a call split
+into parts (`_groups`) or a map fed chunk by chunk (`Accumulator`) return
+what one call over the whole map returns.
+"""
 import math
 
 import numpy as np
 
-from ._reference import Totals
+
+class Partials:
+    """Per group (rows), its blocks' loss sums and valid counts; the count and
+    first flat index (in the part's walk) of bad targets."""
+
+    __slots__ = ("loss", "count", "bad", "first_bad")
+
+    def __init__(self, loss, count, bad, first_bad):
+        self.loss, self.count, self.bad, self.first_bad = loss, count, bad, first_bad
 
 
-def combine(part_loss, part_count, part_bad, part_first):
-    """Totals of per-block partials.
-
-    math.fsum rounds the exact sum of the float64 block partials once, so the
-    total does not depend on any combination order at all.
-    """
+def from_blocks(part_loss, part_count, part_bad, part_first, n_groups):
+    """Partials of a fast kernel's per-block arrays (blocks never cross a group)."""
+    per = part_loss.size // n_groups if n_groups else 0
     hit = np.flatnonzero(part_bad)
-    return Totals(
-        loss=math.fsum(part_loss),
-        count=int(part_count.sum()),
-        bad=int(part_bad.sum()),
-        first_bad=int(part_first[hit[0]]) if hit.size else -1,
-    )
+    return Partials(part_loss.reshape(n_groups, per), part_count.reshape(n_groups, per),
+                    int(part_bad.sum()), int(part_first[hit[0]]) if hit.size else -1)
+
+
+class GroupSums:
+    """Collects partials of groups identified by result indices; exact per-group sums."""
+
+    def __init__(self, size):
+        self.size = size
+        self.ids, self.loss, self.count = [], [], []
+
+    def add(self, ids, partials):
+        per = partials.loss.shape[1]
+        self.ids.append(np.repeat(np.asarray(ids, np.int64), per))
+        self.loss.append(partials.loss.ravel())
+        self.count.append(partials.count.ravel())
+
+    def totals(self):
+        """(loss, count) per result index: fsum of its partials, and their count."""
+        loss = np.zeros(self.size)
+        count = np.zeros(self.size, np.int64)
+        if not self.ids:
+            return loss, count
+        ids = np.concatenate(self.ids)
+        vals = np.concatenate(self.loss)
+        np.add.at(count, ids, np.concatenate(self.count))
+        order = np.argsort(ids, kind="stable")
+        ids, vals = ids[order], vals[order]
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        if starts.size == ids.size:      # one partial per group: its own sum
+            loss[ids] = vals
+        else:
+            for a, b in zip(starts, np.r_[starts[1:], ids.size]):
+                loss[ids[a]] = math.fsum(vals[a:b])
+        return loss, count

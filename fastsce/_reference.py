@@ -6,6 +6,9 @@ full-size temporaries. Every fast backend is tested against it, and it is the
 """
 import numpy as np
 
+from ._layout import BLOCK
+from ._partials import Partials
+
 #: PyTorch BCELoss's clamps for probability inputs (SPEC §1.1).
 LOG_CLAMP = -100.0
 DENOM_FLOOR = 1e-12
@@ -90,8 +93,25 @@ def _bad_targets(call, t, valid):
     return np.flatnonzero(np.broadcast_to(valid & ~((raw >= 0) & (raw <= 1)), call.shape))
 
 
+def _groups(call, a):
+    """Per-group, per-block sums of a (shape-sized) array: groups are runs of
+    group_size elements cut into blocks of BLOCK, as the fast kernels cut them,
+    so chunks of an Accumulator that fall on block edges sum the same blocks."""
+    per = -(-call.group_size // BLOCK)
+    if per == 1:
+        return np.reshape(a, (-1, call.group_size)).sum(axis=1, keepdims=True, dtype=np.float64)
+    groups = np.zeros((a.size // call.group_size, per * BLOCK))
+    groups[:, :call.group_size] = np.reshape(a, (-1, call.group_size))
+    return groups.reshape(len(groups), per, BLOCK).sum(axis=2)
+
+
+def _per_element(call):
+    """Each element's gradient scale: its group's entry of call.gscale."""
+    return np.repeat(call.gscale, call.group_size).reshape(call.shape)
+
+
 def binary(call):
-    """Run one binary call: fills call.grad / call.loss_map, returns totals."""
+    """Run one binary call: fills call.grad / call.loss_map, returns partials."""
     t, loss, dloss = binary_elementwise(call)
     valid = valid_mask(call, t)
     flat_bad = _bad_targets(call, t, valid)
@@ -101,16 +121,12 @@ def binary(call):
     with np.errstate(all="ignore"):
         wloss = np.where(valid, w * loss, 0.0)
         if call.grad is not None:
-            call.grad[...] = np.where(valid, dloss * (w * call.gscale), 0.0)
+            call.grad[...] = np.where(valid, dloss * (w * _per_element(call)), 0.0)
         if call.loss_map is not None:
             call.loss_map[...] = wloss
-        total = float(np.sum(wloss))
-    return Totals(
-        loss=total,
-        count=int(np.count_nonzero(valid)),
-        bad=int(flat_bad.size),
-        first_bad=int(flat_bad[0]) if flat_bad.size else -1,
-    )
+        loss = _groups(call, wloss)
+    return Partials(loss, _groups(call, valid).astype(np.int64), int(flat_bad.size),
+                    int(flat_bad[0]) if flat_bad.size else -1)
 
 
 def count_valid(call):
@@ -118,17 +134,9 @@ def count_valid(call):
     t = np.asarray(call.z, dtype=np.float64)
     valid = valid_mask(call, t)
     flat_bad = _bad_targets(call, t, valid)
-    return Totals(0.0, int(np.count_nonzero(valid)), int(flat_bad.size),
-                  int(flat_bad[0]) if flat_bad.size else -1)
-
-
-class Totals:
-    """What a backend returns besides the arrays it writes."""
-
-    __slots__ = ("loss", "count", "bad", "first_bad")
-
-    def __init__(self, loss, count, bad, first_bad):
-        self.loss, self.count, self.bad, self.first_bad = loss, count, bad, first_bad
+    count = _groups(call, valid).astype(np.int64)
+    return Partials(np.zeros(count.shape), count, int(flat_bad.size),
+                    int(flat_bad[0]) if flat_bad.size else -1)
 
 
 # ------------------------------------------------------------------ softmax
@@ -213,12 +221,13 @@ def softmax(call):
         wloss = np.where(valid, w * loss, 0.0)
         if call.grad is not None:
             w_pixel = np.asarray(w)[..., None] if np.ndim(w) else w
-            g = np.where(valid[..., None], dloss * (w_pixel * call.gscale), 0.0)
+            scale = _per_element(call)[..., None]
+            g = np.where(valid[..., None], dloss * (w_pixel * scale), 0.0)
             call.grad[...] = np.moveaxis(g, -1, call.axis)
         if call.loss_map is not None:
             call.loss_map[...] = wloss
-        total = float(np.sum(wloss))
+        loss = _groups(call, wloss)
     flat_bad = np.flatnonzero(bad)
-    return Totals(total, int(np.count_nonzero(valid)),
-                  int(np.count_nonzero(bad_el) if not call.hard else flat_bad.size),
-                  int(flat_bad[0]) if flat_bad.size else -1)
+    return Partials(loss, _groups(call, valid).astype(np.int64),
+                    int(np.count_nonzero(bad_el) if not call.hard else flat_bad.size),
+                    int(flat_bad[0]) if flat_bad.size else -1)

@@ -58,3 +58,43 @@ def test_peak_memory_100M(fast_backend, grad):
     )
     # The loss itself is right: every element has x = 1, z = 0.25.
     assert abs(out["loss"] - (math.log1p(math.e) - 0.25)) < 1e-6
+
+
+BIG = 2**31 + 7
+
+BROADCAST = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import fastsce
+
+    backend, n = sys.argv[1], int(sys.argv[2])
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+
+    x = np.broadcast_to(np.float32(0.3), (n,))      # zero strides: 8.6 G elements of view
+    z = np.broadcast_to(np.float32(0.25), (n,))
+    one = fastsce.sigmoid_cross_entropy(x[:1], z[:1], backend=backend, reduction="sum").loss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS")
+    total = fastsce.sigmoid_cross_entropy(x, z, backend=backend, reduction="sum", grad=False)
+    peak = status("VmHWM")
+    print(json.dumps({"extra": peak - before, "sum": total.loss, "one": one}))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_broadcast_beyond_int32(fast_backend):
+    """2**31 + 7 elements of a zero-stride view: 64-bit indexing, no copy."""
+    res = subprocess.run([sys.executable, "-c", BROADCAST, fast_backend, str(BIG)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["extra"] < 100 * 2**20, f"{out['extra'] / 2**20:.1f} MiB beyond the inputs"
+    # every element has the same float32 loss; the float64 block sums are exact
+    # and fsum rounds their total once
+    assert out["sum"] == pytest.approx(BIG * out["one"], rel=1e-15)
