@@ -18,10 +18,13 @@ def read2_write1(a, b, out):
     for c in prange(chunks):
         lo = c * _CHUNK
         hi = min(lo + _CHUNK, n)
+        # slices indexed by range(hi - lo): plain vector loads and stores
+        # (an index from range(lo, hi) makes Numba emit gathers)
+        ac, bc, oc = a[lo:hi], b[lo:hi], out[lo:hi]
         s = 0.0
-        for i in range(lo, hi):
-            out[i] = a[i]
-            s += np.float64(b[i])
+        for i in range(hi - lo):
+            oc[i] = ac[i]
+            s += np.float64(bc[i])
         parts[c] = s
     return parts.sum()
 
@@ -35,8 +38,9 @@ def read2(a, b):
     for c in prange(chunks):
         lo = c * _CHUNK
         hi = min(lo + _CHUNK, n)
+        ac, bc = a[lo:hi], b[lo:hi]
         s = 0.0
-        for i in range(lo, hi):
-            s += np.float64(a[i]) + np.float64(b[i])
+        for i in range(hi - lo):
+            s += np.float64(ac[i]) + np.float64(bc[i])
         parts[c] = s
     return parts.sum()
