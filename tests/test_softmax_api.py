@@ -397,6 +397,24 @@ def test_nchw_nhwc_axis2_bitwise(backend, case, reduction):
                  reduction)
 
 
+
+@pytest.mark.parametrize("xdtype,tdtype", [(np.float64, np.float64), (np.float32, np.uint8),
+                                           (np.float64, np.uint16), (np.float32, np.float64)])
+def test_nchw_nhwc_bitwise_per_dtype(backend, xdtype, tdtype):
+    # the NHWC gathers and the gradient scatter are typed per item size
+    C = 4
+    x, z = random_case((2, C, 9, 70), xdtype, seed=16, scale=6.0)
+    if tdtype in (np.uint8, np.uint16):
+        top = np.iinfo(tdtype).max
+        z = (z * top).round().astype(tdtype)
+    else:
+        z = z.astype(tdtype)
+    a = smx(x, z, axis=1, reduction="none", backend=backend)
+    b = smx(_nhwc(x), _nhwc(z), axis=-1, reduction="none", backend=backend)
+    np.testing.assert_array_equal(b.loss, a.loss)
+    np.testing.assert_array_equal(np.moveaxis(b.grad, -1, 1), a.grad)
+    assert b.grad.dtype == xdtype
+
 def _variants(a, tmp_path, name):
     """(layout, array) equal in value to ``a`` (any ndim >= 1)."""
     yield "F-order", np.asfortranarray(a)
