@@ -35,7 +35,8 @@ EPILOG = """\
 PRED and TARGET are two files, or two folders whose files are paired by
 file stem (pred/a.npy with target/a.png). Formats: .npy, .npz (one array),
 .png (8/16-bit), .tif/.tiff (also BigTIFF and tiled files larger than
-memory). uint8/uint16 values mean value/255 and value/65535. Without PRED
+memory). uint8/uint16 values mean value/255 and value/65535 (multiclass
+integer targets without the class axis are class indices). Without PRED
 and TARGET, a built-in sample is generated and evaluated.
 
 exit codes:

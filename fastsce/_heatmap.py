@@ -10,6 +10,7 @@ import numpy as np
 from ._cli_io import need
 
 MAX_SIDE = 1024
+_CHUNK = 1 << 20
 
 _INFERNO = [(0, 0, 4), (31, 12, 72), (85, 15, 109), (136, 34, 106), (186, 54, 85),
             (227, 89, 51), (249, 140, 10), (249, 201, 50), (252, 255, 164)]
@@ -38,13 +39,14 @@ class Pooled:
 
     def add(self, start, band):
         """Add rows [start, start + len(band)) of the map; NaN pixels are left out."""
-        band = np.asarray(band, np.float64)
-        finite = ~np.isnan(band)
         cols = np.arange(0, self.width, self.f)
-        rows = (start + np.arange(band.shape[0])) // self.f
-        for values, total in ((np.where(finite, band, 0.0), self.sum), (finite, self.count)):
-            per_col = np.add.reduceat(values, cols, axis=1)
-            np.add.at(total, rows, per_col)
+        step = max(1, _CHUNK // max(self.width, 1))  # float64 temporaries of bounded size
+        for r in range(0, len(band), step):
+            part = np.asarray(band[r:r + step], np.float64)
+            finite = ~np.isnan(part)
+            rows = (start + r + np.arange(part.shape[0])) // self.f
+            for values, total in ((np.where(finite, part, 0.0), self.sum), (finite, self.count)):
+                np.add.at(total, rows, np.add.reduceat(values, cols, axis=1))
 
     def mean(self):
         with np.errstate(invalid="ignore", divide="ignore"):
