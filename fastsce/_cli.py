@@ -110,13 +110,12 @@ def run(args, parser):
 
 
 def _sample(args):
-    need("PIL.Image", "Pillow", "the built-in sample (16-bit PNG targets)")
+    Image = need("PIL.Image", "Pillow", "the built-in sample (16-bit PNG targets)")
     with tempfile.TemporaryDirectory(prefix="fastsce-sample-") as folder:
         targets, logits = soft_masks(args.images, args.size, seed=0)
         pred, target = Path(folder, "pred"), Path(folder, "target")
         pred.mkdir()
         target.mkdir()
-        Image = need("PIL.Image", "Pillow", "the built-in sample")
         for i in range(args.images):
             np.save(pred / f"sample_{i}.npy", logits[i])
             codes = np.round(targets[i] * 65535).astype(np.uint16)
@@ -203,10 +202,10 @@ class _Opened:
 
 
 class _Layout:
-    """How a pair's arrays are read: loss kind, class axis, pixel shape, row axes."""
+    """How a pair's arrays are read: loss kind, class axis, pixel shape."""
 
-    def __init__(self, loss, axis, pixels, labels):
-        self.loss, self.axis, self.pixels, self.labels = loss, axis, pixels, labels
+    def __init__(self, loss, axis, pixels):
+        self.loss, self.axis, self.pixels = loss, axis, pixels
 
 
 def _squeezed(image):
@@ -258,7 +257,7 @@ def _layout(files, args):
             if extra.shape != pixels:
                 raise UserError(f"{extra.path}: {option} shape {extra.shape} does not match the "
                                 f"image's pixels {pixels} ({pred.path.name})", EXIT_MISMATCH)
-    return _Layout(loss, axis, pixels, labels)
+    return _Layout(loss, axis, pixels)
 
 
 def _logits(a, from_probs):
@@ -551,7 +550,7 @@ def _json(results, args):
         ev = r["evaluation"]
         item = {"image": r["image"], "pred": r["pred"], "target": r["target"]}
         item.update((k, _plain(getattr(ev, k)[0])) for k in _SCORES)
-        item["seconds"] = r["seconds"]
+        item.update(seconds=r["seconds"], streamed=r["streamed"])
         if r["tiles"] is not None:
             item["tiles"] = {"tile_shape": list(args.tile)}
             item["tiles"].update((k, _plain(getattr(r["tiles"], k)[0])) for k in _SCORES)
