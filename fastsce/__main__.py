@@ -1,9 +1,9 @@
 """`python -m fastsce` (and the `fastsce` command).
 
-With no arguments it runs the main job on built-in sample data: it generates
-soft-label masks and predictions, evaluates them with every available
-backend, and prints the loss, the time and the agreement with the float64
-reference. `fastsce info` prints what this machine offers.
+`fastsce evaluate PRED TARGET` scores predicted masks against soft targets
+(`_cli`); with no paths, and with no command at all, it evaluates a
+built-in sample. `fastsce demo` compares the backends on that sample,
+`fastsce info` prints what this machine offers, `fastsce bench` measures.
 """
 import argparse
 import json
@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from . import _backends, info, sigmoid_cross_entropy
+from . import _backends, _cli, info, sigmoid_cross_entropy
 from ._bench import _median
 from ._sample import soft_masks
 
@@ -54,13 +54,13 @@ def demo(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastsce", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
-    p_demo = sub.add_parser("demo", help="evaluate built-in sample data with every backend (default)")
-    for p in (parser, p_demo):
-        p.add_argument("--images", type=int, default=4, help="number of sample masks (default 4)")
-        p.add_argument("--size", type=int, default=1024, help="mask side in pixels (default 1024)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--repeat", type=int, default=7, help="timed repeats per backend")
-        p.add_argument("--threads", type=int, default=None, help="threads (default: all CPUs)")
+    p_eval = _cli.add_parser(sub)
+    p_demo = sub.add_parser("demo", help="time every backend on built-in sample data")
+    p_demo.add_argument("--images", type=int, default=4, help="number of sample masks (default 4)")
+    p_demo.add_argument("--size", type=int, default=1024, help="mask side in pixels (default 1024)")
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--repeat", type=int, default=7, help="timed repeats per backend")
+    p_demo.add_argument("--threads", type=int, default=None, help="threads (default: all CPUs)")
     sub.add_parser("info", help="backends, why one is missing, threads, OpenMP, CPU path")
     p_bench = sub.add_parser("bench", help="fastsce vs NumPy, PyTorch, JAX and the memory roofline")
     p_bench.add_argument("workloads", nargs="*", help="W1 W1L W2 W3 W4 (default: all)")
@@ -71,6 +71,10 @@ def main(argv=None):
     p_bench.add_argument("--no-peers", action="store_true", help="skip NumPy/PyTorch/JAX")
     p_bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.command is None:  # the main job: the built-in sample, evaluated
+        return _cli.run(p_eval.parse_args([]), p_eval)
+    if args.command == "evaluate":
+        return _cli.run(args, p_eval)
     if args.command == "bench":
         from . import _bench
 

@@ -6,7 +6,9 @@ the logits, and the same pair for a constant prediction (a zero-stride
 float64 view, so it is computed in float64 and costs no memory), whose
 difference is the target's entropy, independent of the logits (a NaN logit
 does not make it NaN). A last pass counts non-finite logits, a bounded chunk
-at a time. None of them makes a full-size temporary.
+at a time. None of them makes a full-size temporary. `EvaluationStream`
+makes the same passes over a map fed chunk by chunk (an Accumulator per
+pass), for maps larger than memory.
 """
 import csv
 import math
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _api
+from ._accumulator import Accumulator
 from ._errors import FastSCEValueError
 from ._groups import Grouping
 
@@ -77,9 +80,9 @@ class Evaluation:
 
 
 def evaluate(logits, targets, *, loss="sigmoid", axis=1, per_class=False, tile_shape=None,
-             mask=None, weight=None, class_weights=None, label_smoothing=0.0,
-             from_logits=True, target_scale=None, ignore_value=None, check=True,
-             backend=None, num_threads=None):
+             mask=None, weight=None, class_weights=None, pos_weight=None,
+             label_smoothing=0.0, from_logits=True, target_scale=None, ignore_value=None,
+             check=True, backend=None, num_threads=None):
     """Scores of a stack of predictions: one row per image (class, tile).
 
     Parameters
@@ -98,9 +101,11 @@ def evaluate(logits, targets, *, loss="sigmoid", axis=1, per_class=False, tile_s
     tile_shape : (int, int), optional
         One row per tile of the last two axes, every other axis kept (for an
         (N, C, H, W) sigmoid map: per image, channel and tile).
-    mask, weight, class_weights, label_smoothing, from_logits, target_scale,
-    ignore_value, check, backend, num_threads
-        As in the loss functions.
+    mask, weight, class_weights, pos_weight, label_smoothing, from_logits,
+    target_scale, ignore_value, check, backend, num_threads
+        As in the loss functions. With ``pos_weight`` (sigmoid only) the
+        cross-entropy is the re-weighted one and the KL divergence, not
+        defined for it, is NaN; the target entropy does not depend on it.
 
     Returns
     -------
@@ -111,6 +116,8 @@ def evaluate(logits, targets, *, loss="sigmoid", axis=1, per_class=False, tile_s
     """
     if loss not in ("sigmoid", "softmax"):
         raise FastSCEValueError(f"`loss` must be 'sigmoid' or 'softmax'; got {loss!r}")
+    if loss == "softmax" and pos_weight is not None:
+        raise FastSCEValueError("`pos_weight` applies to loss='sigmoid'; use `class_weights=`")
     x = np.asarray(logits)
     if x.ndim < 2:
         raise FastSCEValueError(
@@ -132,7 +139,8 @@ def evaluate(logits, targets, *, loss="sigmoid", axis=1, per_class=False, tile_s
             raise FastSCEValueError("`class_weights` applies to loss='softmax'; use `weight=`")
         keep = {0, axis} if per_class else {0}
         grouping = _grouping(x.shape, keep, tile_shape)
-        run = _runner(_api._sigmoid, x, targets, grouping, dict(common, pos_weight=None))
+        run = _runner(_api._sigmoid, x, targets, grouping, dict(common, pos_weight=None),
+                      pos_weight)
         scores = run()
         nonfinite = _nonfinite(x, grouping)
         index = _names(names, keep, tile_shape)
@@ -154,7 +162,11 @@ def evaluate(logits, targets, *, loss="sigmoid", axis=1, per_class=False, tile_s
             nonfinite = np.stack([_nonfinite(np.take(x, k, axis=axis), grouping)
                                   for k in range(C)], axis=1)
             index = index[:1] + ("class",) + index[1:]
-    ce, kl, entropy, valid = scores
+    return _evaluation(index, *scores, nonfinite)
+
+
+def _evaluation(index, ce, kl, entropy, valid, nonfinite):
+    """The Evaluation of per-group sums: means over each group's valid count."""
     with np.errstate(invalid="ignore", divide="ignore"):
         means = [np.where(valid > 0, s / np.maximum(valid, 1), np.nan) for s in (ce, kl, entropy)]
     return Evaluation(tuple(index), *means, valid, nonfinite)
@@ -173,27 +185,91 @@ def _names(names, keep, tile_shape):
     return tuple(n for d, n in enumerate(names) if d in keep)
 
 
-def _runner(fn, x, targets, grouping, kwargs):
+def _flat(x, from_logits):
+    """A constant prediction of x's shape: it has CE - KL = the target's entropy."""
+    return np.broadcast_to(np.float64(0.0 if from_logits else 0.5), np.shape(x))
+
+
+def _runner(fn, x, targets, grouping, kwargs, pos_weight=None):
     """A function giving (cross-entropy, KL, target entropy) sums and valid counts per group."""
     options = dict(reduce_axes=grouping.axes, tile_shape=grouping.tile)
-    # Any constant prediction has CE - KL = the target's entropy; 0.5 for probabilities.
-    flat = np.broadcast_to(np.float64(0.0 if kwargs["from_logits"] else 0.5), x.shape)
+    flat = _flat(x, kwargs["from_logits"])
 
     def run(**extra):
         args = dict(kwargs, **options, **extra)
-        ce, count = fn(x, targets, divergence=False, **args)
-        kl, _ = fn(x, targets, divergence=True, **args)
+        if pos_weight is None:
+            ce, count = fn(x, targets, divergence=False, **args)
+            kl = fn(x, targets, divergence=True, **args)[0].loss
+        else:
+            ce, count = fn(x, targets, divergence=False, **dict(args, pos_weight=pos_weight))
+            kl = np.full(np.shape(ce.loss), np.nan)
         ce0, _ = fn(flat, targets, divergence=False, **args)
         kl0, _ = fn(flat, targets, divergence=True, **args)
-        return ce.loss, kl.loss, ce0.loss - kl0.loss, count
+        return ce.loss, kl, ce0.loss - kl0.loss, count
 
     return run
 
 
-def _nonfinite(x, grouping):
-    """Non-finite values per group of `x` (the pixel shape, plus trailing classes)."""
+class EvaluationStream:
+    """`evaluate` of a stack of images fed chunk by chunk (a map larger than memory).
+
+    Takes `evaluate`'s arguments, except that the map's ``shape`` replaces the
+    arrays, and ``mask``, ``weight`` and ``pos_weight`` come with each chunk
+    (``with_pos_weight=True`` says that they will: no KL pass).
+    Each pass of `evaluate` is an Accumulator, so `result()` equals
+    `evaluate` on the whole map: bitwise when chunk edges fall on block edges
+    (see Accumulator), within 1e-12 relative otherwise.
+    """
+
+    def __init__(self, shape, *, loss="sigmoid", axis=1, tile_shape=None, with_pos_weight=False,
+                 **options):
+        shape = tuple(shape)
+        self.loss, self.axis = loss, axis % len(shape)
+        pixels = shape if loss == "sigmoid" else shape[:self.axis] + shape[self.axis + 1:]
+        names = ["image"] + [f"axis{d}" for d in range(1, len(pixels))]
+        self.index = _names(names, {0}, tile_shape)
+        self.grouping = _grouping(pixels, {0}, tile_shape)
+        groups = dict(reduce_axes=self.grouping.axes, tile_shape=self.grouping.tile,
+                      reduction="sum", **options)
+        if loss == "softmax":
+            groups["axis"] = self.axis
+        # (prediction is the logits?, divergence) per pass; no KL with a pos_weight.
+        passes = [(True, False), (False, False), (False, True)]
+        if not with_pos_weight:
+            passes.insert(1, (True, True))
+        self.passes = {p: Accumulator(loss, shape, divergence=p[1], **groups) for p in passes}
+        self.nonfinite = np.zeros(self.grouping.result_shape, np.int64)
+
+    def add(self, logits, targets, index, *, mask=None, weight=None, pos_weight=None):
+        """Add the chunk `index` (a tuple of slices of the map) of logits and targets;
+        `mask`, `weight` and `pos_weight` are the chunk's, as in Accumulator.add."""
+        flat = _flat(logits, self.passes[True, False].options["from_logits"])
+        for (own, divergence), acc in self.passes.items():
+            extra = dict(pos_weight=pos_weight) if own and self.loss == "sigmoid" else {}
+            acc.add(logits if own else flat, targets, index, mask=mask, weight=weight, **extra)
+        box = self.passes[True, False].boxes[-1]
+        x = np.asarray(logits)
+        if self.loss == "softmax":
+            x, box = np.moveaxis(x, self.axis, -1), np.delete(box, self.axis, axis=1)
+        self.nonfinite += _nonfinite(x, self.grouping, tuple(box[0]))
+
+    def result(self):
+        """The Evaluation of the whole map (raises if part of it was never added)."""
+        sums = {}
+        for key, acc in self.passes.items():
+            acc.result()  # checks that the chunks cover the map
+            sums[key] = _api.reduced(_api.Chunk(acc.grouping, None, acc.sums), "sum")
+        ce, valid = sums[True, False]
+        kl = sums[True, True][0] if (True, True) in sums else np.full(ce.shape, np.nan)
+        entropy = sums[False, False][0] - sums[False, True][0]
+        return _evaluation(self.index, ce, kl, entropy, valid, self.nonfinite)
+
+
+def _nonfinite(x, grouping, origin=None):
+    """Non-finite values per group of `x` (the pixel shape, plus trailing classes),
+    a chunk at `origin` of the grouping's map."""
     out = np.zeros(grouping.result_shape, np.int64)
-    for part in grouping.parts(x.shape[:grouping.ndim]):
+    for part in grouping.parts(x.shape[:grouping.ndim], origin):
         if math.prod(part.shape):
             out[part.dest] += _count_nonfinite(part.view(x), part.groups)
     return out
