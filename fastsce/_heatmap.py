@@ -58,8 +58,9 @@ def render(values, title, signed=False, scale=1):
 
     The scale runs from 0 (or -v for `signed`) to the 99.5th percentile v of
     the finite |values|, so a few extreme pixels do not wash out the rest;
-    larger values take the top color, NaN is grey. `scale` enlarges pixels
-    (per-tile maps).
+    larger values take the top color, NaN is grey. It is a square-root scale
+    (labelled in values), so small losses at soft borders stay visible beside
+    large ones at wrong predictions. `scale` enlarges pixels (per-tile maps).
     """
     Image = need("PIL.Image", "Pillow", "--save-maps")
     ImageDraw = need("PIL.ImageDraw", "Pillow", "--save-maps")
@@ -67,10 +68,10 @@ def render(values, title, signed=False, scale=1):
     finite = values[np.isfinite(values)]
     top = float(np.percentile(np.abs(finite), 99.5)) if finite.size else 0.0
     top = top if top > 0 else 1.0
-    low = -top if signed else 0.0
     lut = COLORMAPS["diverging" if signed else "inferno"]
     with np.errstate(invalid="ignore"):
-        level = np.clip((values - low) / (top - low) * 255, 0, 255)
+        pos = np.sign(values) * np.sqrt(np.minimum(np.abs(values) / top, 1.0))  # in [-1, 1]
+        level = ((pos + 1) * 127.5) if signed else pos * 255
     rgb = lut[np.nan_to_num(level, nan=0).astype(np.uint8)]
     rgb[np.isnan(values)] = _NAN_COLOR
     rgb = rgb.repeat(scale, axis=0).repeat(scale, axis=1)
@@ -82,10 +83,11 @@ def render(values, title, signed=False, scale=1):
     canvas.paste(Image.fromarray(np.ascontiguousarray(bar)), (w + 10, 24))
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 6), title, fill="black")
-    for frac in (0.0, 0.5, 1.0):
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = 24 + round((1 - frac) * (bar_h - 1))
+        p = 2 * frac - 1 if signed else frac       # the position's value, inverted
         draw.line([(w + 26, y), (w + 30, y)], fill="black")
-        draw.text((w + 33, min(max(y - 6, 24), bar_h + 12)), f"{low + frac * (top - low):.3g}",
+        draw.text((w + 33, min(max(y - 6, 24), bar_h + 12)), f"{np.sign(p) * p * p * top:.3g}",
                   fill="black")
     return canvas
 
