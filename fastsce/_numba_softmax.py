@@ -234,6 +234,7 @@ def _tile_present(a, *args):
 
 
 def _tile_half(a, *args):
+    """float16 bits: always converted."""
     off, pstride, cstride, n, C, buf, bs, code = args
     _convert_classes(a, off, pstride, cstride, n, C, buf, bs, code)
     return buf, 0, bs
