@@ -9,6 +9,9 @@
  *  - operands x, t, w, m, pw (inputs) and g, l (outputs, last) point at
  *    element (0, ..., 0); NULL means absent; `strides` is [7][ndim] in
  *    elements (negative and zero allowed);
+ *  - an input slot with a nonzero `convert` code (params) is stored as
+ *    float16 bits (FASTSCE_HALF) and/or byte-swapped (FASTSCE_SWAPPED); its
+ *    pointer is then raw storage, read only through csrc/convert.h;
  *  - return 0, or FASTSCE_ENOMEM if per-thread scratch could not be had.
  */
 #ifndef FASTSCE_H
@@ -19,6 +22,8 @@
 #define FASTSCE_BLOCK 16384
 #define FASTSCE_NSLOTS 7
 #define FASTSCE_ENOMEM 1
+#define FASTSCE_SWAPPED 1
+#define FASTSCE_HALF 2
 
 typedef struct {
     double scale;          /* targets mean t / scale                        */
@@ -28,6 +33,7 @@ typedef struct {
     int32_t from_logits;
     int32_t divergence;
     int32_t num_threads;
+    int32_t convert[7];    /* per slot: FASTSCE_SWAPPED | FASTSCE_HALF bits  */
 } fastsce_params;
 
 extern const int FASTSCE_HAVE_OPENMP;

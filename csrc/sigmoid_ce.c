@@ -9,7 +9,8 @@
  *    walk goes row by row of the last dimension; a row's operand with unit
  *    stride is used in place, any other is gathered into per-thread scratch
  *    (outputs scattered back), so the segment loop always sees contiguous
- *    data and vectorizes.
+ *    data and vectorizes. A float16 or byte-swapped input is gathered
+ *    whatever its stride, converting (csrc/convert.h).
  *  - Blocks: each reduction group is cut into FASTSCE_BLOCK-element blocks,
  *    one float64 partial per block, combined by the caller in a fixed order:
  *    results do not depend on the thread count. Threads take whole blocks
@@ -26,6 +27,7 @@
 #include "fastsce.h"
 #include "fastsce_math.h"
 #include "walk.h"
+#include "convert.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -243,7 +245,8 @@ typedef struct {
     const int64_t *shape, *strides;
     int64_t group_size;
     const char *base[FASTSCE_NSLOTS];
-    int64_t item[FASTSCE_NSLOTS];       /* bytes per element of each slot   */
+    int64_t item[FASTSCE_NSLOTS];       /* bytes per element in storage     */
+    int64_t size[FASTSCE_NSLOTS];       /* bytes per element as computed    */
     int neutral[FASTSCE_NSLOTS];        /* absent but read: neutral values  */
     segment_fn segment;
     first_bad_fn first_bad;
@@ -266,8 +269,8 @@ static void *scratch_alloc(const void *ctx)
         sc->buf[s] = (char *)(sc + 1) + per * s;
         if (k->neutral[s]) {
             for (int64_t i = 0; i < FASTSCE_BLOCK; i++) {
-                if (k->item[s] == 1) ((uint8_t *)sc->buf[s])[i] = 1;
-                else if (k->item[s] == 4) ((float *)sc->buf[s])[i] = 1.0f;
+                if (k->size[s] == 1) ((uint8_t *)sc->buf[s])[i] = 1;
+                else if (k->size[s] == 4) ((float *)sc->buf[s])[i] = 1.0f;
                 else ((double *)sc->buf[s])[i] = 1.0;
             }
         }
@@ -293,11 +296,15 @@ static void run_block(const void *ctx, int64_t b, void *scratch)
         row_offsets(nd, k->shape, k->strides, FASTSCE_NSLOTS, row, col, off);
         for (int s = 0; s < FASTSCE_NSLOTS; s++) {
             int64_t st = k->strides[s * nd + nd - 1], it = k->item[s];
+            int conv = k->p->convert[s];
             if (k->neutral[s]) ptr[s] = buf[s];
             else if (!k->base[s]) ptr[s] = NULL;
-            else if (st == 1) ptr[s] = k->base[s] + off[s] * it;
+            else if (st == 1 && !conv) ptr[s] = k->base[s] + off[s] * it;
             else if (s >= SG) ptr[s] = buf[s];      /* output: scatter below */
-            else {                                  /* input: gather */
+            else if (conv) {                        /* input: converting gather */
+                convert_row(buf[s], k->size[s], k->base[s] + off[s] * it, it, st, n, conv);
+                ptr[s] = buf[s];
+            } else {                                /* input: gather */
                 for (int64_t j = 0; j < n; j++)
                     memcpy(buf[s] + j * it, k->base[s] + (off[s] + j * st) * it, (size_t)it);
                 ptr[s] = buf[s];
@@ -343,6 +350,14 @@ static void fill_walk(walk *k, int ndim, const int64_t *shape, int64_t group_siz
     k->p = p;
 }
 
+/* Slot s at `base`, `size` bytes per element as computed (2 in storage if float16). */
+static void set_slot(walk *k, int s, const void *base, int64_t size)
+{
+    k->base[s] = (const char *)base;
+    k->size[s] = size;
+    k->item[s] = storage_item(k->p, s, size);
+}
+
 #define DEFINE_BINARY(XN, X, TN, T)                                                    \
 SEGMENT_TABLE(XN, X, TN, T)                                                            \
 int fastsce_sigmoid_ce_##XN##_##TN(int ndim, const int64_t *shape, int64_t group_size,  \
@@ -354,12 +369,11 @@ int fastsce_sigmoid_ce_##XN##_##TN(int ndim, const int64_t *shape, int64_t group
     walk k;                                                                            \
     fill_walk(&k, ndim, shape, group_size, strides, p);                                \
     const void *bases[FASTSCE_NSLOTS] = {x, t, w, m, pw, g, l};                        \
-    const int64_t items[FASTSCE_NSLOTS] = {sizeof(X), sizeof(T), sizeof(X), 1,         \
+    const int64_t sizes[FASTSCE_NSLOTS] = {sizeof(X), sizeof(T), sizeof(X), 1,         \
                                            sizeof(X), sizeof(X), sizeof(X)};           \
     int extras = w || m || pw;                                                         \
     for (int s = 0; s < FASTSCE_NSLOTS; s++) {                                         \
-        k.base[s] = (const char *)bases[s];                                            \
-        k.item[s] = items[s];                                                          \
+        set_slot(&k, s, bases[s], sizes[s]);                                           \
         k.neutral[s] = extras && !bases[s] && (s == SW || s == SM || s == SPW);        \
     }                                                                                  \
     int index = (p->from_logits != 0) << 4 | (p->divergence != 0) << 3 | extras << 2   \
@@ -407,10 +421,8 @@ int fastsce_count_valid_##TN(int ndim, const int64_t *shape, int64_t group_size,
 {                                                                                      \
     walk k;                                                                            \
     fill_walk(&k, ndim, shape, group_size, strides, p);                                \
-    k.base[ST] = (const char *)t;                                                      \
-    k.item[ST] = sizeof(T);                                                            \
-    k.base[SM] = (const char *)m;                                                      \
-    k.item[SM] = 1;                                                                    \
+    set_slot(&k, ST, t, sizeof(T));                                                    \
+    set_slot(&k, SM, m, 1);                                                            \
     k.segment = count_##TN;                                                            \
     k.first_bad = (first_bad_fn)first_bad_##TN;                                        \
     k.part_count = part_count;                                                         \

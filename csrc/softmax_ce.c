@@ -9,7 +9,8 @@
  *    scratch first (the extra cache line keeps a pixel's classes out of one
  *    cache set), so every layout runs the same class-outer, pixel-inner
  *    loops: they vectorize across pixels, and NCHW and NHWC give bitwise the
- *    same numbers.
+ *    same numbers. A float16 or byte-swapped input is gathered whatever its
+ *    layout, converting (csrc/convert.h).
  *  - Per tile: (1) stream whole class rows once for the per-pixel maximum and
  *    the count of out-of-range soft targets (this also brings the tile into
  *    cache). Then per CHUNK of pixels, whose per-pixel sums stay in registers:
@@ -33,6 +34,7 @@
 #include "fastsce.h"
 #include "fastsce_math.h"
 #include "walk.h"
+#include "convert.h"
 
 /* Pixels per chunk: the per-pixel sums of a chunk stay in vector registers
  * while its classes stream past. Nothing computed depends on it (the Numba
@@ -293,9 +295,15 @@ DEFINE_SCATTER(scatter4, uint32_t)       /* gradients: float32 and float64 */
 DEFINE_SCATTER(scatter8, uint64_t)
 
 static void gather_classes(const char *base, int64_t off, int64_t ps, int64_t cs, int64_t n,
-                           int64_t C, int64_t item, char *buf, int64_t bs)
+                           int64_t C, int64_t item, int64_t size, int code, char *buf,
+                           int64_t bs)
 {
     const char *src = base + off * item;
+    if (code) {                     /* converting: class row by class row */
+        for (int64_t k = 0; k < C; k++)
+            convert_row(buf + k * bs * size, size, src + k * cs * item, item, ps, n, code);
+        return;
+    }
     switch (item) {
     case 1: gather1((const uint8_t *)src, ps, cs, n, C, (uint8_t *)buf, bs); break;
     case 2: gather2((const uint16_t *)src, ps, cs, n, C, (uint16_t *)buf, bs); break;
@@ -322,12 +330,24 @@ static void move_row(char *dst, const char *src, int64_t dst_st, int64_t src_st,
         memcpy(dst + q * dst_st * item, src + q * src_st * item, (size_t)item);
 }
 
+/* A pixel-shaped input row of stride st: in place if contiguous and native,
+ * else gathered (converted if `code`) into buf. */
+static const char *input_row(char *buf, const char *src, int64_t st, int64_t n, int64_t item,
+                             int64_t size, int code)
+{
+    if (code) convert_row(buf, size, src, item, st, n, code);
+    else if (st != 1) move_row(buf, src, 1, st, n, item);
+    else return src;
+    return buf;
+}
+
 typedef struct {
     int ndim;
     const int64_t *shape, *strides, *cstrides;
     int64_t group_size, C, tsz;
     const char *base[FASTSCE_NSLOTS];
-    int64_t item[FASTSCE_NSLOTS];
+    int64_t item[FASTSCE_NSLOTS];       /* bytes per element in storage  */
+    int64_t size[FASTSCE_NSLOTS];       /* bytes per element as computed */
     int hard;
     tile_fn tile;
     first_bad_pixel_fn first_bad;
@@ -349,12 +369,14 @@ static void *softmax_scratch_alloc(const void *ctx)
 {
     const softmax_walk *k = ctx;
     const int nd = k->ndim;
-    /* [C][tile] buffers only for class-shaped operands whose pixels are strided */
+    /* [C][tile] buffers only for class-shaped operands whose pixels are strided
+     * or that need converting */
     size_t ct[3] = {0, 0, 0};
     const int slots[3] = {SX, ST, SG};
     for (int i = 0; i < 3; i++)
-        if (k->base[slots[i]] && k->strides[slots[i] * nd + nd - 1] != 1)
-            ct[i] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->item[slots[i]]);
+        if (k->base[slots[i]] && (k->strides[slots[i] * nd + nd - 1] != 1
+                                  || k->p->convert[slots[i]]))
+            ct[i] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->size[slots[i]]);
     const size_t t = (size_t)k->tsz * 8, ce = (size_t)(k->C * CHUNK) * 16;
     softmax_scratch *sc = malloc(sizeof *sc + ct[0] + ct[1] + ct[2] + ce
                                  + (FASTSCE_NSLOTS + 2) * t + (size_t)FASTSCE_BLOCK * 8
@@ -371,6 +393,23 @@ static void *softmax_scratch_alloc(const void *ctx)
     sc->lbuf = (double *)c; c += (size_t)FASTSCE_BLOCK * 8;
     sc->valid = (uint8_t *)c;
     return sc;
+}
+
+/* A tile of class-shaped input slot s at element offset `off`: in place if its
+ * pixels are contiguous and native, else gathered (converted if needed) into
+ * the [C][BUF_STRIDE] buf; *cs is its class stride. */
+static const char *class_input(const softmax_walk *k, int s, int64_t off, int64_t n, char *buf,
+                               int64_t *cs)
+{
+    const int64_t ps = k->strides[s * k->ndim + k->ndim - 1], bs = BUF_STRIDE(k->tsz);
+    if (ps == 1 && !k->p->convert[s]) {
+        *cs = k->cstrides[s];
+        return k->base[s] + off * k->item[s];
+    }
+    gather_classes(k->base[s], off, ps, k->cstrides[s], n, k->C, k->item[s], k->size[s],
+                   k->p->convert[s], buf, bs);
+    *cs = bs;
+    return buf;
 }
 
 FASTSCE_CLONES static double block_sum(const double *buf, int64_t n)
@@ -403,29 +442,20 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
         a.n = n; a.C = C; a.p = k->p; a.cw = k->cw;
         a.gs = k->gscale[grp];
         a.e = sc->e; a.mx = sc->mx; a.nbad = sc->nbad; a.valid = sc->valid; a.lbuf = sc->lbuf + (i - start);
-        /* class-shaped operands: in place if pixels are contiguous, else gathered */
-        if (PSTRIDE(SX) == 1) { a.x = k->base[SX] + off[SX] * k->item[SX]; a.xcs = cst[SX]; }
-        else {
-            gather_classes(k->base[SX], off[SX], PSTRIDE(SX), cst[SX], n, C, k->item[SX], sc->xs, bs);
-            a.x = sc->xs; a.xcs = bs;
-        }
-        if (k->hard) {
-            const char *zr = k->base[ST] + off[ST] * k->item[ST];
-            if (PSTRIDE(ST) != 1) { move_row(sc->row[ST], zr, 1, PSTRIDE(ST), n, k->item[ST]); zr = sc->row[ST]; }
-            a.z = zr;
-        } else if (PSTRIDE(ST) == 1) { a.z = k->base[ST] + off[ST] * k->item[ST]; a.zcs = cst[ST]; }
-        else {
-            gather_classes(k->base[ST], off[ST], PSTRIDE(ST), cst[ST], n, C, k->item[ST], sc->zs, bs);
-            a.z = sc->zs; a.zcs = bs;
-        }
+        a.x = class_input(k, SX, off[SX], n, sc->xs, &a.xcs);
+        if (k->hard)
+            a.z = input_row(sc->row[ST], k->base[ST] + off[ST] * k->item[ST], PSTRIDE(ST), n,
+                            k->item[ST], k->size[ST], k->p->convert[ST]);
+        else
+            a.z = class_input(k, ST, off[ST], n, sc->zs, &a.zcs);
         if (k->base[SG]) {
             if (PSTRIDE(SG) == 1) { a.g = (char *)k->base[SG] + off[SG] * k->item[SG]; a.gcs = cst[SG]; }
             else { a.g = sc->gs; a.gcs = bs; }
         }
         for (int s = SW; s <= SM; s++) {            /* pixel-shaped inputs */
             if (!k->base[s]) continue;
-            const char *r = k->base[s] + off[s] * k->item[s];
-            if (PSTRIDE(s) != 1) { move_row(sc->row[s], r, 1, PSTRIDE(s), n, k->item[s]); r = sc->row[s]; }
+            const char *r = input_row(sc->row[s], k->base[s] + off[s] * k->item[s], PSTRIDE(s),
+                                      n, k->item[s], k->size[s], k->p->convert[s]);
             if (s == SW) a.w = r; else a.m = (const uint8_t *)r;
         }
         if (k->base[SL])
@@ -466,16 +496,18 @@ int fastsce_softmax_ce_##XN##_##TN(int ndim, const int64_t *shape, int64_t group
     k.ndim = ndim; k.shape = shape; k.strides = strides; k.cstrides = class_strides;   \
     k.group_size = group_size; k.C = classes; k.tsz = tile;                            \
     const void *bases[FASTSCE_NSLOTS] = {x, t, w, m, NULL, g, l};                      \
-    const int64_t items[FASTSCE_NSLOTS] = {sizeof(X), sizeof(T), sizeof(X), 1, 0,      \
+    const int64_t sizes[FASTSCE_NSLOTS] = {sizeof(X), sizeof(T), sizeof(X), 1, 0,      \
                                            sizeof(X), sizeof(X)};                      \
+    k.p = p;                                                                           \
     for (int s = 0; s < FASTSCE_NSLOTS; s++) {                                         \
         k.base[s] = (const char *)bases[s];                                            \
-        k.item[s] = items[s];                                                          \
+        k.size[s] = sizes[s];                                                          \
+        k.item[s] = storage_item(p, s, sizes[s]);                                      \
     }                                                                                  \
     k.hard = IS_HARD(T);                                                               \
     k.tile = tiles_##XN##_##TN[(p->from_logits != 0) << 1 | (p->divergence != 0)];     \
     k.first_bad = (first_bad_pixel_fn)first_bad_pixel_##TN;                            \
-    k.cw = cw; k.p = p; k.gscale = gscale;                                             \
+    k.cw = cw; k.gscale = gscale;                                             \
     k.part_loss = part_loss; k.part_count = part_count;                                \
     k.part_bad = part_bad; k.part_first = part_first;                                  \
     return softmax_run(&k, p->num_threads);                                            \

@@ -31,7 +31,8 @@ _REDUCTIONS = ("none", "sum", "mean")
 
 @dataclass(kw_only=True)
 class _Call:
-    """What every loss's kernels take; arrays native-endian, kernel dtypes."""
+    """What every loss's kernels take. Inputs may be byte-swapped or float16 (the
+    kernels convert them block by block, see `_layout`); outputs are native."""
 
     shape: tuple             # the element (binary) or pixel (softmax) shape
     x: object
@@ -89,10 +90,8 @@ def _logits(logits):
             f"`logits` must be float16, float32 or float64; got dtype {x.dtype}. "
             "Convert with logits.astype(np.float32)."
         )
-    # float16 is read as float32 (SPEC §2); byte-swapped input is made native.
-    native = x.dtype.newbyteorder("=")
-    compute = np.dtype(np.float32) if native == np.float16 else native
-    return x, _layout.native(x.astype(compute) if native == np.float16 else x), compute
+    # float16 is read as float32 (SPEC §2), block by block, as byte-swapped input is.
+    return x, _layout.kernel_dtype(x.dtype)
 
 
 def _targets(targets, shape):
@@ -104,18 +103,20 @@ def _targets(targets, shape):
             f"(probability times target_scale); got dtype {t.dtype}"
         )
     _layout.broadcast_operand("targets", t, shape)
-    return _layout.native(t.astype(np.float32) if native == np.float16 else t)
+    return t
 
 
 def _weight_like(name, value, shape, compute, what="the shape of `logits`"):
-    """A non-negative weight array broadcastable to `shape`, in the compute dtype."""
+    """A non-negative weight array broadcastable to `shape`: in the compute dtype,
+    or float16 or byte-swapped (converted by the kernels block by block)."""
     if value is None:
         return None
     a = np.asarray(value)
     if a.dtype.kind not in "fiu":
         raise FastSCETypeError(f"`{name}` must be a real number or array; got dtype {a.dtype}")
     _layout.broadcast_operand(name, a, shape, what)
-    a = _layout.native(a.astype(compute, copy=False))
+    if a.dtype.newbyteorder("=") not in (compute, np.dtype(np.float16)):
+        a = a.astype(compute)
     if a.size and not np.min(a) >= 0:
         raise FastSCEValueError(
             f"`{name}` must be non-negative (and not NaN); got a minimum of {np.min(a)}"
@@ -143,14 +144,17 @@ def _check_output(name, buf, shape, dtypes, inputs, what="the shape of `logits`"
         raise FastSCEValueError(
             f"`{name}` must have {what} {tuple(shape)}; got {name}.shape={buf.shape}"
         )
+    if not buf.dtype.isnative:
+        raise FastSCETypeError(
+            f"`{name}` must be in native byte order ({buf.dtype.newbyteorder('=').str}); got "
+            f"{buf.dtype.str}. Pass a native array and byte-swap the result if needed."
+        )
     if buf.dtype not in dtypes:
         raise FastSCETypeError(
             f"`{name}` must have dtype {' or '.join(str(d) for d in dtypes)}; got {buf.dtype}"
         )
     if not buf.flags.writeable:
         raise FastSCEValueError(f"`{name}` must be writeable; got a read-only array")
-    if not buf.dtype.isnative:
-        raise FastSCETypeError(f"`{name}` must be in native byte order; got {buf.dtype}")
     for other_name, other in inputs:
         if other is None or not isinstance(other, np.ndarray):
             continue
@@ -260,8 +264,9 @@ def sigmoid_cross_entropy(
     that of the returned loss: weighted, masked, divided by the count for
     "mean", times ``grad_scale``. Sums are taken in float64 over fixed blocks
     of ``fastsce.BLOCK`` elements, so results are bitwise identical for any
-    thread count. Float16 logits or targets, and weights of another dtype
-    than the logits, are converted (copied) first.
+    thread count. Float16 and byte-swapped operands are converted block by
+    block; weights of another dtype than the logits (other than float16)
+    are converted (copied) first.
     """
     return _sigmoid(**locals())[0]
 
@@ -272,8 +277,8 @@ def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
              chunk=None):
     """The work of the public function: its result and each group's valid count
     (or, for a `chunk` of an Accumulator's map, its partials added to the map's)."""
-    impl, threads, want_grad, raw_x, x, compute = _start(reduction, backend, num_threads,
-                                                          grad, logits)
+    impl, threads, want_grad, x, compute = _start(reduction, backend, num_threads, grad,
+                                                  logits)
     shape = x.shape
     chunk = chunk or _whole(shape, reduce_axes, tile_shape, reduction)
     z = _targets(targets, shape)
@@ -308,9 +313,9 @@ def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
             "of a re-weighted loss is not a divergence); drop pos_weight or divergence"
         )
     m = _mask(mask, shape)
-    inputs = [("logits", raw_x), ("targets", np.asarray(targets)), ("weight", weight),
+    inputs = [("logits", x), ("targets", np.asarray(targets)), ("weight", weight),
               ("mask", mask), ("pos_weight", pos_weight)]
-    out_dtype, in_place = _outputs(out, loss_out, want_grad, reduction, raw_x, compute,
+    out_dtype, in_place = _outputs(out, loss_out, want_grad, reduction, x, compute,
                                    shape, inputs)
 
     call = BinaryCall(
@@ -343,23 +348,23 @@ def _scalars(label_smoothing, divergence, from_logits, check, grad_scale):
             _flag("check", check), _real("grad_scale", grad_scale))
 
 
-def _outputs(out, loss_out, want_grad, reduction, raw_x, compute, loss_shape, inputs,
+def _outputs(out, loss_out, want_grad, reduction, x, compute, loss_shape, inputs,
              what="the shape of `logits`"):
     """Check `out` (logits' shape) and `loss_out` (`loss_shape`); the results'
     dtype and whether the gradient is computed in place."""
-    float16 = raw_x.dtype.newbyteorder("=") == np.float16
+    float16 = x.dtype.newbyteorder("=") == np.float16
     dtypes = (np.dtype(np.float16), compute) if float16 else (compute,)
     if out is not None:
         if not want_grad:
             raise FastSCEValueError("`out` was given but grad=False; drop one of them")
-        _check_output("out", out, raw_x.shape, dtypes, inputs)
+        _check_output("out", out, x.shape, dtypes, inputs)
     if loss_out is not None:
         if reduction != "none":
             raise FastSCEValueError(
                 f"`loss_out` is the loss map of reduction='none'; got reduction={reduction!r}"
             )
         _check_output("loss_out", loss_out, loss_shape, dtypes, inputs + [("out", out)], what)
-    in_place = out is not None and _same_view(out, raw_x)
+    in_place = out is not None and _same_view(out, x)
     return (np.dtype(np.float16) if float16 else compute), in_place
 
 
@@ -580,8 +585,8 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
              tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads,
              chunk=None):
     """The work of the public function (see _sigmoid)."""
-    impl, threads, want_grad, raw_x, x, compute = _start(reduction, backend, num_threads,
-                                                          grad, logits)
+    impl, threads, want_grad, x, compute = _start(reduction, backend, num_threads, grad,
+                                                  logits)
     if x.ndim == 0:
         raise FastSCEValueError("`logits` must have a class axis; got a 0-d array")
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) \
@@ -599,7 +604,7 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
     hard = t.dtype.kind in _LABEL_KINDS and t.shape != x.shape and t.ndim == len(pixel_shape)
     if hard:
         _layout.broadcast_operand("targets", t, pixel_shape, what="the pixel shape of `logits`")
-        z = t if native_t == np.int64 and t.dtype.isnative else t.astype(np.int64)
+        z = t if native_t == np.int64 else t.astype(np.int64)
         if target_scale is not None:
             raise FastSCEValueError("`target_scale` applies to soft targets, not class indices")
         scale = float(C - 1)
@@ -635,13 +640,13 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
                 f"got class_weights.shape={cw.shape}"
             )
         cw = _weight_like("class_weights", cw, (C,), compute)
-        cw = np.ascontiguousarray(cw)
+        cw = np.ascontiguousarray(cw, dtype=compute)  # C values: a copy costs nothing
     pixels = "the pixel shape of `logits` (without the class axis)"
     w = _weight_like("weight", weight, pixel_shape, compute, pixels)
     m = _mask(mask, pixel_shape, pixels)
-    inputs = [("logits", raw_x), ("targets", t), ("weight", weight), ("mask", mask),
+    inputs = [("logits", x), ("targets", t), ("weight", weight), ("mask", mask),
               ("class_weights", class_weights)]
-    out_dtype, in_place = _outputs(out, loss_out, want_grad, reduction, raw_x, compute,
+    out_dtype, in_place = _outputs(out, loss_out, want_grad, reduction, x, compute,
                                    pixel_shape, inputs, what="the pixel shape of `logits`")
     call = SoftmaxCall(
         shape=pixel_shape, x=x, axis=axis, classes=C, z=z, hard=hard, w=w, m=m, cw=cw,

@@ -7,13 +7,16 @@ returns the block partials per group (`_partials`) as the Numba backend does.
 import numpy as np
 
 from . import _cffi_kernels
-from ._layout import BLOCK, SLOTS, make_plan, softmax_tile
+from ._layout import BLOCK, HALF, SLOTS, SWAPPED, kernel_dtype, make_plan, softmax_tile
 from ._partials import from_blocks
 
 ffi, lib = _cffi_kernels.ffi, _cffi_kernels.lib
 
-if lib.FASTSCE_BLOCK != BLOCK:  # one block size per language, and they must agree
-    raise ImportError(f"C kernels built with FASTSCE_BLOCK={lib.FASTSCE_BLOCK}, Python has {BLOCK}")
+# One value per language for each shared constant, and they must agree.
+for _name, _value in (("BLOCK", BLOCK), ("SWAPPED", SWAPPED), ("HALF", HALF)):
+    if getattr(lib, f"FASTSCE_{_name}") != _value:
+        raise ImportError(f"C kernels built with FASTSCE_{_name}="
+                          f"{getattr(lib, f'FASTSCE_{_name}')}, Python has {_value}")
 
 _CODES = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64",
           np.dtype(np.uint8): "u8", np.dtype(np.uint16): "u16", np.dtype(np.int64): "i64"}
@@ -21,17 +24,23 @@ _CTYPES = {"f32": "float *", "f64": "double *", "u8": "uint8_t *", "u16": "uint1
            "i64": "int64_t *"}
 
 
+def _code(a):
+    return _CODES[kernel_dtype(a.dtype)]
+
+
 def _ptr(plan, slot, code):
-    """Typed pointer to element (0, ..., 0) of a slot, or NULL."""
+    """Pointer of the kernel's type to element (0, ..., 0) of a slot (in its
+    storage, which differs if converted), or NULL."""
     flat = plan.flats[slot]
     if flat is None:
         return ffi.NULL
-    buf = ffi.from_buffer(_CTYPES[code], flat, require_writable=slot in ("g", "l"))
-    return buf + int(plan.offsets[SLOTS.index(slot)])
+    buf = ffi.from_buffer(flat, require_writable=slot in ("g", "l"))
+    return ffi.cast(_CTYPES[code], buf + int(plan.offsets[SLOTS.index(slot)]) * flat.itemsize)
 
 
-def _params(call):
+def _params(call, plan):
     p = ffi.new("fastsce_params *")
+    p.convert = [int(c) for c in plan.codes]
     p.scale = call.scale
     p.eps = call.label_smoothing
     p.has_ignore = call.ignore_value is not None
@@ -64,7 +73,7 @@ def _check(status, what):
 
 
 def binary(call):
-    x, t = _CODES[call.x.dtype], _CODES[call.z.dtype.newbyteorder("=")]
+    x, t = _code(call.x), _code(call.z)
     plan = make_plan(call.shape, {"x": call.x, "z": call.z, "w": call.w, "m": call.m,
                                   "pw": call.pw, "g": call.grad, "l": call.loss_map},
                      group_size=call.group_size)
@@ -74,7 +83,7 @@ def binary(call):
         fn = getattr(lib, f"fastsce_sigmoid_ce_{x}_{t}")
         _check(fn(len(plan.shape), _i64(plan.shape), plan.group_size,
                   _ptr(plan, "x", x), _ptr(plan, "z", t), _ptr(plan, "w", x),
-                  _ptr(plan, "m", "u8"), _ptr(plan, "pw", x), _i64(strides), _params(call),
+                  _ptr(plan, "m", "u8"), _ptr(plan, "pw", x), _i64(strides), _params(call, plan),
                   _f64(call.gscale), _ptr(plan, "g", x), _ptr(plan, "l", x),
                   _f64(parts[0]), _i64(parts[1]), _i64(parts[2]), _i64(parts[3])),
                "sigmoid_cross_entropy")
@@ -82,7 +91,7 @@ def binary(call):
 
 
 def softmax(call):
-    x, t = _CODES[call.x.dtype], _CODES[call.z.dtype.newbyteorder("=")]
+    x, t = _code(call.x), _code(call.z)
     plan = make_plan(call.shape, {"x": call.x, "z": call.z, "w": call.w, "m": call.m,
                                   "g": call.grad, "l": call.loss_map},
                      group_size=call.group_size, class_axis=call.axis, full_shape=call.x.shape)
@@ -94,7 +103,7 @@ def softmax(call):
         _check(fn(len(plan.shape), _i64(plan.shape), plan.group_size, call.classes,
                   softmax_tile(call.classes), _ptr(plan, "x", x), _ptr(plan, "z", t),
                   _ptr(plan, "w", x), _ptr(plan, "m", "u8"), _i64(strides),
-                  _i64(plan.class_strides), cw, _params(call), _f64(call.gscale),
+                  _i64(plan.class_strides), cw, _params(call, plan), _f64(call.gscale),
                   _ptr(plan, "g", x), _ptr(plan, "l", x),
                   _f64(parts[0]), _i64(parts[1]), _i64(parts[2]), _i64(parts[3])),
                "softmax_cross_entropy")
@@ -102,14 +111,14 @@ def softmax(call):
 
 
 def count_valid(call):
-    t = _CODES[call.z.dtype.newbyteorder("=")]
+    t = _code(call.z)
     plan = make_plan(call.shape, {"z": call.z, "m": call.m}, group_size=call.group_size)
     parts = _partials(plan.n_blocks)
     if plan.n_blocks:
         strides = np.ascontiguousarray(plan.strides)
         fn = getattr(lib, f"fastsce_count_valid_{t}")
         _check(fn(len(plan.shape), _i64(plan.shape), plan.group_size,
-                  _ptr(plan, "z", t), _ptr(plan, "m", "u8"), _i64(strides), _params(call),
+                  _ptr(plan, "z", t), _ptr(plan, "m", "u8"), _i64(strides), _params(call, plan),
                   _i64(parts[1]), _i64(parts[2]), _i64(parts[3])), "count_valid")
     return from_blocks(*parts, plan.n_groups)
 

@@ -8,6 +8,11 @@ contiguous in every operand are merged first, so a contiguous call is one
 long inner row. The flat order, the fixed BLOCK and the group size decide
 where every partial sum starts, so results never depend on the layout's
 coalescing or on the thread count.
+
+Byte-swapped and float16 operands are passed as their raw bits with a
+conversion code per slot (SWAPPED, HALF): the kernels convert them row by
+row (tile by tile) in the gather step they use for strided rows, so they
+are never copied whole either.
 """
 from dataclasses import dataclass
 
@@ -33,6 +38,10 @@ def softmax_tile(classes):
 #: Operand slots in the order every kernel takes them (inputs, then outputs).
 SLOTS = ("x", "z", "w", "m", "pw", "g", "l")
 
+#: Conversion codes (bits) of an operand's storage (C: FASTSCE_SWAPPED, FASTSCE_HALF).
+SWAPPED, HALF = 1, 2
+_HALF = np.dtype(np.float16)
+
 
 @dataclass
 class Plan:
@@ -44,14 +53,27 @@ class Plan:
     n_groups: int
     n_blocks: int
     flats: dict              # slot -> 1-D array from the operand's lowest address, or None
+                             # (native dtype; float16 as its int16 bits)
+    codes: np.ndarray        # int32[len(SLOTS)], SWAPPED | HALF bits of each slot's storage
     offsets: np.ndarray      # int64[len(SLOTS)], element offset of index (0, ..., 0)
     strides: np.ndarray      # int64[len(SLOTS), ndim], element strides
     class_strides: np.ndarray  # int64[len(SLOTS)], stride of the class axis (softmax)
 
 
-def native(a):
-    """The array in native byte order (a copy only if it was byte-swapped)."""
-    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+def kernel_dtype(dtype):
+    """The dtype a kernel computes an operand in: native order, float16 read as float32."""
+    native = np.dtype(dtype).newbyteorder("=")
+    return np.dtype(np.float32) if native == _HALF else native
+
+
+def _storage(flat):
+    """`flat` as kernels take it, and its conversion code: a view of the same
+    bytes in native order (no float16 type in Numba or C: its int16 bits)."""
+    native = flat.dtype.newbyteorder("=")
+    code = 0 if flat.dtype.isnative else SWAPPED
+    if native == _HALF:
+        return flat.view(np.int16), code | HALF
+    return flat.view(native), code
 
 
 def _element_strides(a):
@@ -125,6 +147,7 @@ def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None
     ndim = len(merged_shape)
     strides = np.zeros((len(SLOTS), ndim), dtype=np.int64)
     offsets = np.zeros(len(SLOTS), dtype=np.int64)
+    codes = np.zeros(len(SLOTS), dtype=np.int32)
     class_strides = np.zeros(len(SLOTS), dtype=np.int64)
     flats = dict.fromkeys(SLOTS)
     for slot, st in zip(present, merged):
@@ -134,7 +157,8 @@ def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None
         if slot in fulls:
             class_strides[i] = _element_strides(whole)[class_axis]
         if n:
-            flats[slot], offsets[i] = _flat_view(whole, _element_strides(whole))
+            flat, offsets[i] = _flat_view(whole, _element_strides(whole))
+            flats[slot], codes[i] = _storage(flat)
     if group_size is None:
         group_size = n
     n_groups = n // group_size if group_size else 0
@@ -142,7 +166,7 @@ def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None
     return Plan(
         shape=np.asarray(merged_shape, dtype=np.int64), n=n, group_size=group_size,
         n_groups=n_groups, n_blocks=n_groups * per_group,
-        flats=flats, offsets=offsets, strides=strides, class_strides=class_strides,
+        flats=flats, codes=codes, offsets=offsets, strides=strides, class_strides=class_strides,
     )
 
 

@@ -10,7 +10,8 @@ Design
   rows of the last dimension; a row's operands with unit stride are sliced
   in place, the others are gathered into per-block scratch (and outputs
   scattered back), so the inner `segment` loop always sees contiguous data
-  and vectorizes.
+  and vectorizes. A float16 or byte-swapped input is gathered whatever its
+  stride, converting (`_numba_convert`).
 * Blocks: each reduction group is cut into blocks of BLOCK elements; one
   float64 partial per block, combined by the caller in a fixed order, so the
   result does not depend on the thread count. Threads take whole blocks.
@@ -31,7 +32,8 @@ from numba.extending import overload
 
 from . import _numba_math as M
 from ._numba_math import jit
-from ._layout import BLOCK, make_plan
+from ._layout import BLOCK, kernel_dtype, make_plan
+from ._numba_convert import HALF_BITS, convert
 from ._partials import from_blocks
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
@@ -212,20 +214,24 @@ def _valid(m, t, i, ignore):
     return ok
 
 
-# Helpers on an operand that may be absent (None). They are dispatched on the
-# operand's type with @overload, so an absent one compiles to None and a
-# present one to the array path: a branch on `a is None` would type the
-# result Optional and keep the inner loops from vectorizing.
+# Helpers on an operand that may be absent (None) or float16 bits. They are
+# dispatched on the operand's type with @overload, so an absent one compiles
+# to None and a present one to the array path: a branch on `a is None` would
+# type the result Optional and keep the inner loops from vectorizing (and
+# float16 bits are never a slice of the kernel's type).
 
 
-def _by_type(present, absent):
-    """A function whose jitted form is `present` for arrays, `absent` for None."""
+def _by_type(present, absent, half=None):
+    """A function whose jitted form is `present` for arrays, `absent` for None
+    and `half` (if given) for float16 bits."""
     def dispatch(a, *args):
         return absent(a, *args) if a is None else present(a, *args)
 
     @overload(dispatch, jit_options=_OPTS)
     def _typed(a, *args):
-        return absent if isinstance(a, types.NoneType) else present
+        if isinstance(a, types.NoneType):
+            return absent
+        return half if half is not None and a.dtype == HALF_BITS else present
 
     return dispatch
 
@@ -236,17 +242,29 @@ def _absent(a, *args):
 
 # (Overloads need the typing function's exact `(a, *args)` signature.)
 def _scratch_present(a, *args):
-    (size,) = args
+    size, _ = args
     return np.empty(size, a.dtype)
 
 
+def _scratch_half(a, *args):
+    """float16 bits are read as `ftype`."""
+    size, ftype = args
+    return np.empty(size, ftype)
+
+
 def _view_present(a, *args):
-    """The n elements of a row: an in-place slice if contiguous, else gathered."""
-    off, stride, n, buf = args
-    if stride == 1:
+    """The n elements of a row: an in-place slice if contiguous and native, else
+    gathered (converted if `code`) into buf."""
+    off, stride, n, buf, code = args
+    if stride == 1 and code == 0:
         return a[off:off + n]
-    for k in range(n):
-        buf[k] = a[off + k * stride]
+    convert(a, off, stride, n, buf, code)
+    return buf[:n]
+
+
+def _view_half(a, *args):
+    off, stride, n, buf, code = args
+    convert(a, off, stride, n, buf, code)
     return buf[:n]
 
 
@@ -265,37 +283,40 @@ def _scatter_present(a, *args):
             a[off + k * stride] = buf[k]
 
 
-_scratch = _by_type(_scratch_present, _absent)
-_view = _by_type(_view_present, _absent)
+_scratch = _by_type(_scratch_present, _absent, _scratch_half)
+_view = _by_type(_view_present, _absent, _view_half)
 _out = _by_type(_out_present, _absent)
 _scatter = _by_type(_scatter_present, _absent)
 
 
 @functools.lru_cache(maxsize=None)
-def _driver(segment):
-    """The parallel blocked walk over a strided iteration, around `segment`."""
+def _driver(segment, ftype):
+    """The parallel blocked walk over a strided iteration, around `segment`
+    (whose float operands are `ftype`)."""
+    F = ftype
 
-    @jit(segment._uuid, parallel=True, cache=True, **_OPTS)
-    def run(shape, group_size, x, t, w, m, pw, g, l, offsets, strides, scale, eps, ignore,
-            gscale, part_loss, part_count, part_bad, part_first):
+    @jit(f"{segment._uuid}-{ftype.__name__}", parallel=True, cache=True, **_OPTS)
+    def run(shape, group_size, x, t, w, m, pw, g, l, offsets, strides, codes, scale, eps,
+            ignore, gscale, part_loss, part_count, part_bad, part_first):
         ndim = shape.size
         inner = shape[ndim - 1]
-        # Scratch is needed only for operands whose rows are not contiguous.
+        # Scratch is needed only for operands whose rows are not contiguous
+        # or that need converting.
         gather = False
         for s in range(strides.shape[0]):
-            gather = gather or strides[s, ndim - 1] != 1
+            gather = gather or strides[s, ndim - 1] != 1 or codes[s] != 0
         size = BLOCK if gather else 0
         for b in prange(part_loss.size):
             grp, start, stop = block_range(b, group_size)
             gs = gscale[grp]
-            tb = np.empty(size, t.dtype)
-            xb = _scratch(x, size)
-            wb = _scratch(w, size)
-            mb = _scratch(m, size)
-            pb = _scratch(pw, size)
-            gb = _scratch(g, size)
-            lb = _scratch(l, size)
-            losses = _scratch(x, BLOCK)
+            tb = _scratch(t, size, np.float32)     # float16 targets are read as float32
+            xb = _scratch(x, size, F)
+            wb = _scratch(w, size, F)
+            mb = _scratch(m, size, F)
+            pb = _scratch(pw, size, F)
+            gb = _scratch(g, size, F)
+            lb = _scratch(l, size, F)
+            losses = _scratch(x, BLOCK, F)
             total = 0.0
             count = 0
             bad = 0
@@ -304,11 +325,11 @@ def _driver(segment):
             while i < stop:
                 off, col = row_offsets(shape, offsets, strides, i)
                 n = min(inner - col, stop - i)
-                tv = _view(t, off[1], strides[1, ndim - 1], n, tb)
-                xv = _view(x, off[0], strides[0, ndim - 1], n, xb)
-                wv = _view(w, off[2], strides[2, ndim - 1], n, wb)
-                mv = _view(m, off[3], strides[3, ndim - 1], n, mb)
-                pv = _view(pw, off[4], strides[4, ndim - 1], n, pb)
+                tv = _view(t, off[1], strides[1, ndim - 1], n, tb, codes[1])
+                xv = _view(x, off[0], strides[0, ndim - 1], n, xb, codes[0])
+                wv = _view(w, off[2], strides[2, ndim - 1], n, wb, codes[2])
+                mv = _view(m, off[3], strides[3, ndim - 1], n, mb, codes[3])
+                pv = _view(pw, off[4], strides[4, ndim - 1], n, pb, codes[4])
                 gv = _out(g, off[5], strides[5, ndim - 1], n, gb)
                 lv = _out(l, off[6], strides[6, ndim - 1], n, lb)
                 s_loss, s_count, s_bad = segment(xv, tv, wv, mv, pv, gv, lv, n, scale, eps,
@@ -343,8 +364,9 @@ def _launch(run, call, x, g, l):
         with _threads(call.threads):
             run(plan.shape, plan.group_size, f["x"], f["z"], f["w"],
                 None if f["m"] is None else f["m"], f["pw"], f["g"], f["l"],
-                plan.offsets, plan.strides, float(call.scale), float(call.label_smoothing),
-                ignore, np.ones(plan.n_groups) if call.gscale is None else call.gscale,
+                plan.offsets, plan.strides, plan.codes, float(call.scale),
+                float(call.label_smoothing), ignore,
+                np.ones(plan.n_groups) if call.gscale is None else call.gscale,
                 part_loss, part_count, part_bad, part_first)
     return from_blocks(part_loss, part_count, part_bad, part_first, plan.n_groups)
 
@@ -364,13 +386,14 @@ class _threads:
 
 
 def binary(call):
-    ftype = call.x.dtype.type
-    run = _driver(_segment(call.from_logits, call.divergence, ftype))
+    ftype = kernel_dtype(call.x.dtype).type
+    run = _driver(_segment(call.from_logits, call.divergence, ftype), ftype)
     return _launch(run, call, call.x, call.grad, call.loss_map)
 
 
 def count_valid(call):
-    return _launch(_driver(_count_segment), call, None, None, None)
+    # (no float operands: any ftype)
+    return _launch(_driver(_count_segment, np.float64), call, None, None, None)
 
 
 def features():
@@ -399,10 +422,11 @@ def softmax(call):
              np.full(nb, -1, np.int64))
     if nb:
         f = plan.flats
-        run = softmax_driver(call.from_logits, call.divergence, call.hard, call.x.dtype.type)
+        run = softmax_driver(call.from_logits, call.divergence, call.hard,
+                             kernel_dtype(call.x.dtype).type)
         with _threads(call.threads):
             run(plan.shape, plan.group_size, C, softmax_tile(C), f["x"], f["z"], f["w"], f["m"],
-                f["g"], f["l"], plan.offsets, plan.strides, plan.class_strides, call.cw,
+                f["g"], f["l"], plan.offsets, plan.strides, plan.codes, plan.class_strides, call.cw,
                 float(call.scale), float(call.label_smoothing), call.ignore_value,
                 call.gscale, *parts)
     return from_blocks(*parts, plan.n_groups)

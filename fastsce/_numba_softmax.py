@@ -8,7 +8,8 @@ Design
   gathered into a [C][tile + 16] scratch first (the extra cache line keeps a
   pixel's classes out of one cache set), so every layout runs the same
   class-outer, pixel-inner loops: they vectorize across pixels, and NCHW and
-  NHWC give bitwise the same numbers.
+  NHWC give bitwise the same numbers. A float16 or byte-swapped input is
+  gathered whatever its layout, converting (`_numba_convert`).
 * Per tile: (1) stream whole class rows once for the per-pixel maximum and
   the count of out-of-range soft targets (this also brings the tile into
   cache). Then per chunk of pixels, with its per-pixel sums kept close:
@@ -30,8 +31,9 @@ from numba import prange
 
 from . import _numba_math as M
 from ._numba_math import jit
-from ._numba_kernels import (_ACC, _EXACT, _EXP_SCALED, _MATH, _OPTS, _out, _scatter, _scratch,
-                              _view, block_range, row_offsets)
+from ._numba_convert import convert
+from ._numba_kernels import (_ACC, _EXACT, _EXP_SCALED, _MATH, _OPTS, _absent, _by_type, _out,
+                              _scatter, _scratch, _view, block_range, row_offsets)
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
 _TWO_M64 = 2.0 ** -64
@@ -212,6 +214,36 @@ def _gather_classes(flat, off, pstride, cstride, n, C, buf, bs):
 
 
 @jit(**_OPTS)
+def _convert_classes(flat, off, pstride, cstride, n, C, buf, bs, code):
+    for k in range(C):
+        convert(flat, off + k * cstride, pstride, n, buf[k * bs:(k + 1) * bs], code)
+
+
+def _tile_present(a, *args):
+    """A tile of a class-shaped input as (array, offset, class stride): in place
+    if its pixels are contiguous and native, else gathered (converted if
+    `code`) into the [C][bs] buffer."""
+    off, pstride, cstride, n, C, buf, bs, code = args
+    if code == 0:
+        if pstride == 1:
+            return a, off, cstride
+        _gather_classes(a, off, pstride, cstride, n, C, buf, bs)
+    else:
+        _convert_classes(a, off, pstride, cstride, n, C, buf, bs, code)
+    return buf, 0, bs
+
+
+def _tile_half(a, *args):
+    """float16 bits: always converted."""
+    off, pstride, cstride, n, C, buf, bs, code = args
+    _convert_classes(a, off, pstride, cstride, n, C, buf, bs, code)
+    return buf, 0, bs
+
+
+_tile_view = _by_type(_tile_present, _absent, _tile_half)
+
+
+@jit(**_OPTS)
 def _scatter_classes(flat, off, pstride, cstride, n, C, buf, bs):
     for p in range(n):
         for k in range(C):
@@ -246,30 +278,34 @@ def _block_sum(buf, n):
 @functools.lru_cache(maxsize=None)
 def _driver(from_logits, divergence, hard, ftype):
     tile = _tile(from_logits, divergence, hard, ftype)
+    F = ftype
 
     @jit(tile._uuid, parallel=True, cache=True, **_OPTS)
-    def run(shape, group_size, C, tsz, x, z, w, m, g, l, offsets, strides, cstrides, cw,
+    def run(shape, group_size, C, tsz, x, z, w, m, g, l, offsets, strides, codes, cstrides, cw,
             scale, eps, ignore, gscale, part_loss, part_count, part_bad, part_first):
         ndim = shape.size
         inner = shape[ndim - 1]
         bs = tsz + 16                  # buffer_stride(tsz)
+        # [C][bs] buffers for class-shaped inputs gathered (strided or converted)
+        x_gathered = strides[0, ndim - 1] != 1 or codes[0] != 0
+        z_gathered = not hard and (strides[1, ndim - 1] != 1 or codes[1] != 0)
         for b in prange(part_loss.size):
             grp, start, stop = block_range(b, group_size)
-            xs = np.empty(C * bs if strides[0, ndim - 1] != 1 else 0, x.dtype)
-            zs = np.empty(C * bs if not hard and strides[1, ndim - 1] != 1 else 0, z.dtype)
-            zp = np.empty(tsz if hard else 0, z.dtype)
-            gb = _scratch(g, C * bs if strides[5, ndim - 1] != 1 else 0)
-            wb = _scratch(w, tsz)
-            mb = _scratch(m, tsz)
-            lb = _scratch(l, tsz)
+            xs = _scratch(x, C * bs if x_gathered else 0, F)
+            zs = _scratch(z, C * bs if z_gathered else 0, np.float32)  # float16: as float32
+            zp = _scratch(z, tsz if hard else 0, np.float32)
+            gb = _scratch(g, C * bs if strides[5, ndim - 1] != 1 else 0, F)
+            wb = _scratch(w, tsz, F)
+            mb = _scratch(m, tsz, F)
+            lb = _scratch(l, tsz, F)
             valid = np.empty(tsz, np.bool_)
             lbuf = np.empty(stop - start)
             # the tile's working set: per tile, per chunk of classes, per chunk
-            sc = (np.empty(tsz, x.dtype), np.empty(tsz, x.dtype),
-                  np.empty(C * CHUNK, x.dtype), np.empty(C * CHUNK, x.dtype),
+            sc = (np.empty(tsz, F), np.empty(tsz, F),
+                  np.empty(C * CHUNK, F), np.empty(C * CHUNK, F),
                   np.empty(CHUNK), np.empty(CHUNK), np.empty(CHUNK), np.empty(CHUNK),
-                  np.empty(CHUNK, x.dtype), np.empty(CHUNK, x.dtype), np.empty(CHUNK, x.dtype),
-                  np.empty(CHUNK, x.dtype), np.empty(CHUNK, x.dtype))
+                  np.empty(CHUNK, F), np.empty(CHUNK, F), np.empty(CHUNK, F),
+                  np.empty(CHUNK, F), np.empty(CHUNK, F))
             count = 0
             bad = 0
             first = -1
@@ -277,24 +313,20 @@ def _driver(from_logits, divergence, hard, ftype):
             while i < stop:
                 off, col = row_offsets(shape, offsets, strides, i)
                 n = min(inner - col, stop - i, tsz)
-                # class-shaped operands: in place if pixels are contiguous, else gathered
-                xa, xo, xcs = x, off[0], cstrides[0]
-                if strides[0, ndim - 1] != 1:
-                    _gather_classes(x, off[0], strides[0, ndim - 1], cstrides[0], n, C, xs, bs)
-                    xa, xo, xcs = xs, 0, bs
+                # class-shaped operands: in place if pixels are contiguous and
+                # native, else gathered
+                xa, xo, xcs = _tile_view(x, off[0], strides[0, ndim - 1], cstrides[0], n, C,
+                                         xs, bs, codes[0])
                 if hard:
-                    za, zo, zcs = _view(z, off[1], strides[1, ndim - 1], n, zp), 0, 0
+                    za, zo, zcs = _view(z, off[1], strides[1, ndim - 1], n, zp, codes[1]), 0, 0
                 else:
-                    za, zo, zcs = z, off[1], cstrides[1]
-                    if strides[1, ndim - 1] != 1:
-                        _gather_classes(z, off[1], strides[1, ndim - 1], cstrides[1], n, C,
-                                        zs, bs)
-                        za, zo, zcs = zs, 0, bs
+                    za, zo, zcs = _tile_view(z, off[1], strides[1, ndim - 1], cstrides[1], n, C,
+                                             zs, bs, codes[1])
                 ga, go, gcs = g, off[5], cstrides[5]
                 if g is not None and strides[5, ndim - 1] != 1:
                     ga, go, gcs = gb, 0, bs
-                wv = _view(w, off[2], strides[2, ndim - 1], n, wb)
-                mv = _view(m, off[3], strides[3, ndim - 1], n, mb)
+                wv = _view(w, off[2], strides[2, ndim - 1], n, wb, codes[2])
+                mv = _view(m, off[3], strides[3, ndim - 1], n, mb, codes[3])
                 lv = _out(l, off[6], strides[6, ndim - 1], n, lb)
                 c, bd = tile(xa, xo, xcs, za, zo, zcs, wv, mv, ga, go, gcs, lv, n, C, cw,
                              scale, eps, ignore, gscale[grp], sc, valid,
