@@ -201,6 +201,18 @@ def test_tensors_are_read_and_written_in_place(monkeypatch):
     assert torch.empty_like(x).stride() == x.stride()  # the gradient keeps channels_last
 
 
+def test_backward_twice_accumulates_without_touching_the_saved_gradient():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    z = torch.rand(3, 4, dtype=torch.float64)
+    loss = ft.sigmoid_cross_entropy(x, z, reduction="sum")
+    saved = loss.grad_fn.saved_tensors[0].clone()
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    (2 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, 4 * saved)
+    torch.testing.assert_close(loss.grad_fn.saved_tensors[0], saved, rtol=0, atol=0)
+
+
 def test_no_gradient_when_none_is_needed(monkeypatch):
     spy = Spy(monkeypatch, "softmax_cross_entropy")
     x = torch.randn(2, 3, 4, requires_grad=True)
