@@ -299,6 +299,11 @@ static void gather_classes(const char *base, int64_t off, int64_t ps, int64_t cs
                            int64_t bs)
 {
     const char *src = base + off * item;
+    if (ps == 1 && !code) {         /* contiguous rows */
+        for (int64_t k = 0; k < C; k++)
+            memcpy(buf + k * bs * item, src + k * cs * item, (size_t)(n * item));
+        return;
+    }
     if (code) {                     /* converting: class row by class row */
         for (int64_t k = 0; k < C; k++)
             convert_row(buf + k * bs * size, size, src + k * cs * item, item, ps, n, code);
@@ -365,18 +370,29 @@ typedef struct {
     uint8_t *valid;
 } softmax_scratch;
 
+/* Whether a class-shaped input is read through the gather buffer: when its
+ * pixels are strided (NHWC), when it needs converting, or when its class
+ * stride is a whole number of pages (NCHW maps of 2^k pixels): a pixel's
+ * classes then all fall in the same cache sets and evict each other before
+ * the tile is done with them. */
+static int gathered(const softmax_walk *k, int s)
+{
+    const int nd = k->ndim;
+    return k->strides[s * nd + nd - 1] != 1 || k->p->convert[s]
+           || (k->cstrides[s] * k->item[s]) % 4096 == 0;
+}
+
 static void *softmax_scratch_alloc(const void *ctx)
 {
     const softmax_walk *k = ctx;
     const int nd = k->ndim;
-    /* [C][tile] buffers only for class-shaped operands whose pixels are strided
-     * or that need converting */
+    /* [C][tile] buffers only for the class-shaped operands that need them */
     size_t ct[3] = {0, 0, 0};
-    const int slots[3] = {SX, ST, SG};
-    for (int i = 0; i < 3; i++)
-        if (k->base[slots[i]] && (k->strides[slots[i] * nd + nd - 1] != 1
-                                  || k->p->convert[slots[i]]))
-            ct[i] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->size[slots[i]]);
+    if (k->base[SX] && gathered(k, SX)) ct[0] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->size[SX]);
+    if (k->base[ST] && !k->hard && gathered(k, ST))
+        ct[1] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->size[ST]);
+    if (k->base[SG] && k->strides[SG * nd + nd - 1] != 1)
+        ct[2] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->size[SG]);
     const size_t t = (size_t)k->tsz * 8, ce = (size_t)(k->C * CHUNK) * 16;
     softmax_scratch *sc = malloc(sizeof *sc + ct[0] + ct[1] + ct[2] + ce
                                  + (FASTSCE_NSLOTS + 2) * t + (size_t)FASTSCE_BLOCK * 8
@@ -402,7 +418,7 @@ static const char *class_input(const softmax_walk *k, int s, int64_t off, int64_
                                int64_t *cs)
 {
     const int64_t ps = k->strides[s * k->ndim + k->ndim - 1], bs = BUF_STRIDE(k->tsz);
-    if (ps == 1 && !k->p->convert[s]) {
+    if (!gathered(k, s)) {
         *cs = k->cstrides[s];
         return k->base[s] + off * k->item[s];
     }

@@ -208,6 +208,13 @@ def _tile(from_logits, divergence, hard, ftype):
 
 @jit(**_OPTS)
 def _gather_classes(flat, off, pstride, cstride, n, C, buf, bs):
+    if pstride == 1:                # contiguous rows
+        for k in range(C):
+            row = flat[off + k * cstride:off + k * cstride + n]
+            dst = buf[k * bs:k * bs + n]
+            for p in range(n):
+                dst[p] = row[p]
+        return
     for p in range(n):
         for k in range(C):
             buf[k * bs + p] = flat[off + k * cstride + p * pstride]
@@ -221,11 +228,11 @@ def _convert_classes(flat, off, pstride, cstride, n, C, buf, bs, code):
 
 def _tile_present(a, *args):
     """A tile of a class-shaped input as (array, offset, class stride): in place
-    if its pixels are contiguous and native, else gathered (converted if
-    `code`) into the [C][bs] buffer."""
-    off, pstride, cstride, n, C, buf, bs, code = args
+    unless `gather` (see `_gathered`), else gathered (converted if `code`) into
+    the [C][bs] buffer."""
+    off, pstride, cstride, n, C, buf, bs, code, gather = args
     if code == 0:
-        if pstride == 1:
+        if not gather:
             return a, off, cstride
         _gather_classes(a, off, pstride, cstride, n, C, buf, bs)
     else:
@@ -235,12 +242,21 @@ def _tile_present(a, *args):
 
 def _tile_half(a, *args):
     """float16 bits: always converted."""
-    off, pstride, cstride, n, C, buf, bs, code = args
+    off, pstride, cstride, n, C, buf, bs, code, gather = args
     _convert_classes(a, off, pstride, cstride, n, C, buf, bs, code)
     return buf, 0, bs
 
 
 _tile_view = _by_type(_tile_present, _absent, _tile_half)
+
+
+@jit(**_OPTS)
+def _gathered(pstride, code, cstride_bytes):
+    """Whether a class-shaped input is read through the gather buffer (C:
+    gathered()): pixels strided (NHWC), converting, or a class stride of whole
+    pages (NCHW maps of 2^k pixels), whose rows would all fall in the same
+    cache sets and evict each other before the tile is done with them."""
+    return pstride != 1 or code != 0 or cstride_bytes % 4096 == 0
 
 
 @jit(**_OPTS)
@@ -286,9 +302,10 @@ def _driver(from_logits, divergence, hard, ftype):
         ndim = shape.size
         inner = shape[ndim - 1]
         bs = tsz + 16                  # buffer_stride(tsz)
-        # [C][bs] buffers for class-shaped inputs gathered (strided or converted)
-        x_gathered = strides[0, ndim - 1] != 1 or codes[0] != 0
-        z_gathered = not hard and (strides[1, ndim - 1] != 1 or codes[1] != 0)
+        # [C][bs] buffers for the class-shaped inputs read through them
+        x_gathered = _gathered(strides[0, ndim - 1], codes[0], cstrides[0] * x.itemsize)
+        z_gathered = not hard and _gathered(strides[1, ndim - 1], codes[1],
+                                            cstrides[1] * z.itemsize)
         for b in prange(part_loss.size):
             grp, start, stop = block_range(b, group_size)
             xs = _scratch(x, C * bs if x_gathered else 0, F)
@@ -313,15 +330,14 @@ def _driver(from_logits, divergence, hard, ftype):
             while i < stop:
                 off, col = row_offsets(shape, offsets, strides, i)
                 n = min(inner - col, stop - i, tsz)
-                # class-shaped operands: in place if pixels are contiguous and
-                # native, else gathered
+                # class-shaped inputs: in place, or gathered (see _gathered)
                 xa, xo, xcs = _tile_view(x, off[0], strides[0, ndim - 1], cstrides[0], n, C,
-                                         xs, bs, codes[0])
+                                         xs, bs, codes[0], x_gathered)
                 if hard:
                     za, zo, zcs = _view(z, off[1], strides[1, ndim - 1], n, zp, codes[1]), 0, 0
                 else:
                     za, zo, zcs = _tile_view(z, off[1], strides[1, ndim - 1], cstrides[1], n, C,
-                                             zs, bs, codes[1])
+                                             zs, bs, codes[1], z_gathered)
                 ga, go, gcs = g, off[5], cstrides[5]
                 if g is not None and strides[5, ndim - 1] != 1:
                     ga, go, gcs = gb, 0, bs
