@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from procmem import PRELUDE
 
 import fastsce
 
@@ -107,19 +108,11 @@ def test_coverage_and_argument_errors():
 
 # ---------------------------------------------------------------- memmaps
 
-SCRIPT = textwrap.dedent("""
-    import json, sys, threading, time
-    import numpy as np
-    import fastsce
+SCRIPT = PRELUDE + textwrap.dedent("""
+    import threading, time
 
     folder, n, h, w, backend = sys.argv[1], *map(int, sys.argv[2:5]), sys.argv[5]
     shape, step = (n, h, w), 1024
-
-    def rss_anon():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
 
     def maps(mode):
         return [np.memmap(f"{folder}/{name}.f32", np.float32, mode, shape=shape)
@@ -137,12 +130,12 @@ SCRIPT = textwrap.dedent("""
     small = (slice(0, 1), slice(0, 2 * step))
     fastsce.sigmoid_cross_entropy(x[small], z[small], backend=backend)  # compile, warm up
 
-    peak, done = [rss_anon()], threading.Event()
+    peak, done = [status("RssAnon")], threading.Event()
     def watch():
         while not done.is_set():
-            peak.append(rss_anon())
+            peak.append(status("RssAnon"))
             time.sleep(0.005)
-    baseline = rss_anon()
+    baseline = status("RssAnon")
     watcher = threading.Thread(target=watch)
     watcher.start()
     t0 = time.perf_counter()

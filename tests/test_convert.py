@@ -12,6 +12,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from procmem import PRELUDE
 
 import fastsce
 
@@ -141,18 +142,8 @@ def test_swapped_output_rejected(backend, name):
         fastsce.sigmoid_cross_entropy(x, x, reduction="none", backend=backend, **{name: buf})
 
 
-MEMORY = textwrap.dedent("""
-    import json, sys
-    import numpy as np
-    import fastsce
-
+MEMORY = PRELUDE + textwrap.dedent("""
     backend, n = sys.argv[1], int(sys.argv[2])
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
 
     def swapped(a):
         return a.astype(a.dtype.newbyteorder("S"))

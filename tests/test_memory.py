@@ -12,21 +12,12 @@ import sys
 import textwrap
 
 import pytest
+from procmem import PRELUDE
 
 N = 100_000_000  # float32: 400 MB per array
 
-SCRIPT = textwrap.dedent("""
-    import json, sys
-    import numpy as np
-    import fastsce
-
+SCRIPT = PRELUDE + textwrap.dedent("""
     backend, grad, n = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
 
     x = np.ones(n, np.float32)
     z = np.full(n, 0.25, np.float32)
@@ -62,18 +53,8 @@ def test_peak_memory_100M(fast_backend, grad):
 
 BIG = 2**31 + 7
 
-BROADCAST = textwrap.dedent("""
-    import json, sys
-    import numpy as np
-    import fastsce
-
+BROADCAST = PRELUDE + textwrap.dedent("""
     backend, n = sys.argv[1], int(sys.argv[2])
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
 
     x = np.broadcast_to(np.float32(0.3), (n,))      # zero strides: 8.6 G elements of view
     z = np.broadcast_to(np.float32(0.25), (n,))
