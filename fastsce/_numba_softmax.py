@@ -43,9 +43,9 @@ _TWO_M64 = 2.0 ** -64
 CHUNK = 64
 
 
-def buffer_stride(tile):
-    """Class stride of the gather buffers (C: BUF_STRIDE)."""
-    return tile + 16
+#: Gather buffers hold a tile's classes BUF_PAD elements more than a tile
+#: apart (C: BUF_STRIDE), so a pixel's classes do not share one cache set.
+BUF_PAD = 16
 
 
 @jit("log1p_pos", **_EXACT)
@@ -301,7 +301,7 @@ def _driver(from_logits, divergence, hard, ftype):
             scale, eps, ignore, gscale, part_loss, part_count, part_bad, part_first):
         ndim = shape.size
         inner = shape[ndim - 1]
-        bs = tsz + 16                  # buffer_stride(tsz)
+        bs = tsz + BUF_PAD
         # [C][bs] buffers for the class-shaped inputs read through them
         x_gathered = _gathered(strides[0, ndim - 1], codes[0], cstrides[0] * x.itemsize)
         z_gathered = not hard and _gathered(strides[1, ndim - 1], codes[1],
