@@ -142,7 +142,7 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
     const X ignore = (X)p->ignore;                                                     \
     const int64_t n = s->n;                                                            \
     double total = 0.0;                                                                \
-    int64_t count = 0, bad = 0;                                                        \
+    int32_t count = 0, bad = 0;     /* n <= FASTSCE_BLOCK: 32-bit lanes suffice */     \
     _Pragma("omp simd reduction(+:total,count,bad)")                                   \
     for (int64_t i = 0; i < n; i++) {                                                  \
         X tf = (X)t[i];                                                                \

@@ -12,7 +12,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from ._layout import SWAPPED
-from ._numba_math import bits_f32, jit
+from ._numba_math import _SOURCE_DIGEST, bits_f32, jit
 
 #: The storage dtype of float16 operands (no other operand is int16).
 HALF_BITS = types.int16
@@ -30,7 +30,7 @@ def bswap(typingctx, value):
     return value(value), codegen
 
 
-bswap._set_uuid("fastsce:bswap")  # stable, as `jit` (cache keys)
+bswap._set_uuid(f"fastsce:{_SOURCE_DIGEST}:bswap")  # stable, as `jit` (cache keys)
 
 
 @jit(nogil=True, inline="always")

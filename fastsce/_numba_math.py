@@ -6,11 +6,15 @@ They are compiled WITHOUT fast-math flags: `reassoc` would be free to fold
 the two-constant range reduction x - k*ln2_hi - k*ln2_lo into one constant
 (losing the low bits); the kernels that inline them add flags only to their
 own accumulation. Same algorithms, constants and order of operations as
-csrc/fastsce_math.h; tests/test_parity.py holds the two to the same results.
+csrc/fastsce_math.h; the exact tests (tests/test_*_exact.py) hold the two to
+the same results.
 
 Sources: exp reduction and log kernel follow fdlibm/musl (e_exp.c, e_log.c,
 e_logf.c); the float32 exp polynomial is Cephes expf's minimax fit.
 """
+import hashlib
+import pathlib
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -31,10 +35,24 @@ def jit(key="", **options):
     """
     def wrap(fn):
         dispatcher = njit(**options)(fn)
-        dispatcher._set_uuid(f"fastsce:{fn.__module__}.{fn.__qualname__}:{key}")
+        dispatcher._set_uuid(f"fastsce:{_SOURCE_DIGEST}:{fn.__module__}.{fn.__qualname__}:{key}")
         return dispatcher
 
     return wrap
+
+
+def _source_digest():
+    """Hash of every Numba source of the package. Numba revalidates a cached
+    kernel against its own file only; a kernel inlines helpers from the
+    others, so an edit (or upgrade) of a helper must change every id."""
+    here = pathlib.Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(here.glob("_numba_*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+_SOURCE_DIGEST = _source_digest()
 
 # ---------------------------------------------------------------- bit casts
 
@@ -50,7 +68,7 @@ def _bitcast(src, dst, dst_ir):
 
         return dst(src), codegen
 
-    cast._set_uuid(f"fastsce:bitcast:{src}->{dst}")  # stable, as `jit` (cache keys)
+    cast._set_uuid(f"fastsce:{_SOURCE_DIGEST}:bitcast:{src}->{dst}")  # stable, as `jit` (cache keys)
     return cast
 
 
@@ -73,31 +91,46 @@ _L32_LN2LO = F32(9.0580006145e-06)
 _SQRT2_32 = F32(1.41421356237)
 _RSQRT2_32 = F32(0.707106781187)
 _RINT32 = F32(12582912.0)                  # 1.5 * 2^23: adding it rounds to an integer
+_RINT32_BITS = np.int32(0x4B400000)        # its bits: k is the difference of the bits
+
+
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
+def exp_poly_f32(r):
+    """exp(r) for the reduced argument r, |r| <= ln(2)/2 (Cephes expf's fit)."""
+    p0, p1, p2, p3, p4, p5 = _E32_P
+    r2 = r * r
+    return (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * r2 + r + F32(1.0)
+
+
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
+def times_pow2_f32(p, ki):
+    """p * 2^ki as two factors, so a result in the subnormal range is exact."""
+    k1 = np.int32(ki >> 1)
+    k2 = np.int32(ki - k1)
+    return p * bits_f32(np.int32((k1 + 127) << 23)) * bits_f32(np.int32((k2 + 127) << 23))
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def exp_neg_scaled_f32(x, shift):
     """exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding:
     a shift keeps a result that would be subnormal at full precision."""
-    p0, p1, p2, p3, p4, p5 = _E32_P
     x = F32(-150.0) if x < F32(-150.0) else x   # exp(-150) * 2^64 rounds to 0; NaN stays
     k = (x * _E32_LOG2E + _RINT32) - _RINT32     # round to nearest, no libm call
     k = k if k == k else F32(0.0)                # keep the int conversion defined
     r = (x - k * _E32_LN2HI) - k * _E32_LN2LO
-    r2 = r * r
-    p = (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * r2 + r + F32(1.0)
-    ki = np.int32(np.int32(k) + shift)
-    k1 = np.int32(ki >> 1)                       # 2^k as two factors: no overflow
-    k2 = np.int32(ki - k1)                       # of the exponent for subnormals
-    s1 = bits_f32(np.int32((k1 + 127) << 23))
-    s2 = bits_f32(np.int32((k2 + 127) << 23))
-    return p * s1 * s2
+    return times_pow2_f32(exp_poly_f32(r), np.int32(np.int32(k) + shift))
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def exp_neg_f32(x):
-    """exp(x) for x <= 0 (and NaN); 0 below the subnormal range."""
-    return exp_neg_scaled_f32(x, np.int32(0))
+    """exp(x) for x <= 0 (and NaN); 0 below the subnormal range. The numbers
+    of exp_neg_scaled_f32(x, 0), with k read from the bits of the rounding
+    sum instead of converted (no NaN guard; why: csrc/fastsce_math.h)."""
+    x = F32(-150.0) if x < F32(-150.0) else x
+    kb = x * _E32_LOG2E + _RINT32
+    k = kb - _RINT32
+    r = (x - k * _E32_LN2HI) - k * _E32_LN2LO
+    return times_pow2_f32(exp_poly_f32(r), np.int32(f32_bits(kb) - _RINT32_BITS))
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
@@ -154,31 +187,44 @@ _L64_LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239
 _SQRT2_64 = 1.4142135623730951
 _RSQRT2_64 = 0.7071067811865476
 _RINT64 = 6755399441055744.0                # 1.5 * 2^52
+_RINT64_BITS = np.int64(0x4338000000000000)
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
-def exp_neg_scaled_f64(x, shift):
-    """exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding."""
+def exp_poly_f64(hi, lo):
+    """exp(hi - lo) given r = hi - lo, |r| <= ln(2)/2 (fdlibm's e_exp.c)."""
     p1, p2, p3, p4, p5 = _E64_P
-    x = -746.0 if x < -746.0 else x
-    k = (x * _E64_LOG2E + _RINT64) - _RINT64
-    k = k if k == k else 0.0
-    hi = x - k * _E64_LN2HI
-    lo = k * _E64_LN2LO
     r = hi - lo
     t = r * r
     c = r - t * (p1 + t * (p2 + t * (p3 + t * (p4 + t * p5))))
-    p = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
-    ki = np.int64(k) + shift
+    return 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
+
+
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
+def times_pow2_f64(p, ki):
     k1 = ki >> 1
     k2 = ki - k1
     return p * bits_f64((k1 + 1023) << 52) * bits_f64((k2 + 1023) << 52)
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
+def exp_neg_scaled_f64(x, shift):
+    """exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding."""
+    x = -746.0 if x < -746.0 else x
+    k = (x * _E64_LOG2E + _RINT64) - _RINT64
+    k = k if k == k else 0.0
+    p = exp_poly_f64(x - k * _E64_LN2HI, k * _E64_LN2LO)
+    return times_pow2_f64(p, np.int64(k) + shift)
+
+
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def exp_neg_f64(x):
-    """exp(x) for x <= 0 (and NaN); 0 below the subnormal range."""
-    return exp_neg_scaled_f64(x, np.int64(0))
+    """exp(x) for x <= 0 (and NaN): as exp_neg_f32, k from the bits."""
+    x = -746.0 if x < -746.0 else x
+    kb = x * _E64_LOG2E + _RINT64
+    k = kb - _RINT64
+    p = exp_poly_f64(x - k * _E64_LN2HI, k * _E64_LN2LO)
+    return times_pow2_f64(p, f64_bits(kb) - _RINT64_BITS)
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
