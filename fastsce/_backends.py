@@ -10,7 +10,7 @@ import importlib
 import os
 import warnings
 
-from ._errors import BackendUnavailableError, FastSCEValueError
+from ._errors import BackendUnavailableError, FastSCETypeError, FastSCEValueError
 
 NAMES = ("numba", "c", "numpy")
 #: "auto" takes the first available of these (see README, "Choosing a backend").
@@ -102,7 +102,7 @@ def resolve(name):
         name = default_name()
     else:
         if not isinstance(name, str):
-            raise FastSCEValueError(
+            raise FastSCETypeError(
                 f"`backend` must be one of 'auto', 'numba', 'c', 'numpy'; got {name!r}"
             )
         _check_name(name, "`backend`")

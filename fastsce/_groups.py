@@ -180,8 +180,9 @@ def _tile(value, ndim):
         th, tw = value
     except (TypeError, ValueError):
         raise FastSCETypeError(f"`tile_shape` must be a pair (th, tw); got {value!r}") from None
-    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1
-           for t in (th, tw)):
+    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in (th, tw)):
+        raise FastSCETypeError(f"`tile_shape` must be two positive integers; got {value!r}")
+    if th < 1 or tw < 1:
         raise FastSCEValueError(f"`tile_shape` must be two positive integers; got {value!r}")
     if ndim < 2:
         raise FastSCEValueError(
