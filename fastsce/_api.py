@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import _backends, _layout, _memory
-from ._errors import FastSCETypeError, FastSCEValueError, TargetRangeError
+from ._errors import FastSCETypeError, FastSCEValueError, TargetRangeError, shown
 from ._groups import Grouping
 from ._partials import GroupSums
 from ._threads import resolve_threads
@@ -70,7 +70,7 @@ class SoftmaxCall(_Call):
 
 def _flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
-        raise FastSCETypeError(f"`{name}` must be True or False; got {value!r}")
+        raise FastSCETypeError(f"`{name}` must be True or False; got {shown(value)}")
     return bool(value)
 
 
@@ -85,11 +85,11 @@ def _real(name, value, lo=-math.inf, hi=math.inf):
         v = float(value)
     except (TypeError, ValueError):
         raise FastSCETypeError(
-            f"`{name}` must be a real number; got {value!r} of type {type(value).__name__}"
+            f"`{name}` must be a real number; got {shown(value)} of type {type(value).__name__}"
         ) from None
     if not (math.isfinite(v) and lo <= v <= hi):
         within = "" if (lo, hi) == (-math.inf, math.inf) else f" in [{lo:g}, {hi:g}]"
-        raise FastSCEValueError(f"`{name}` must be a finite number{within}; got {value!r}")
+        raise FastSCEValueError(f"`{name}` must be a finite number{within}; got {shown(value)}")
     return v
 
 
@@ -99,7 +99,7 @@ def _target_scale(value, default):
         return default
     scale = _real("target_scale", value)
     if scale <= 0:
-        raise FastSCEValueError(f"`target_scale` must be positive and finite; got {value!r}")
+        raise FastSCEValueError(f"`target_scale` must be positive and finite; got {shown(value)}")
     return scale
 
 
@@ -107,14 +107,14 @@ def _integer_code(value, dtype, what):
     """`ignore_value` as an int: an integer (TypeError otherwise) in `dtype`'s range."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise FastSCETypeError(
-            f"`ignore_value` must be an integer {what}; got {value!r} of type "
+            f"`ignore_value` must be an integer {what}; got {shown(value)} of type "
             f"{type(value).__name__}"
         )
     info = np.iinfo(dtype)
     if not info.min <= int(value) <= info.max:
         raise FastSCEValueError(
             f"`ignore_value` must be an integer {what} of targets.dtype={dtype} (in "
-            f"[{info.min}, {info.max}]); got {value!r}"
+            f"[{info.min}, {info.max}]); got {shown(value)}"
         )
     return int(value)
 
@@ -358,8 +358,8 @@ def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
         pw = None  # a == 1 is the plain loss; skip the operand
     if divergence and pw is not None:
         raise FastSCEValueError(
-            "`divergence=True` is defined only with pos_weight == 1 (the KL divergence "
-            "of a re-weighted loss is not a divergence); drop pos_weight or divergence"
+            "`divergence=True` is defined only with `pos_weight` == 1 (the KL divergence "
+            "of a re-weighted loss is not a divergence); drop `pos_weight` or `divergence`"
         )
     m = _mask(mask, shape)
     inputs = [("logits", x), ("targets", np.asarray(targets)), ("weight", weight),
@@ -386,7 +386,7 @@ def _whole(shape, reduce_axes, tile_shape, reduction):
 def _start(reduction, backend, num_threads, grad, logits):
     """What every loss validates first: reduction, backend, threads, logits."""
     if reduction not in _REDUCTIONS:
-        raise FastSCEValueError(f"`reduction` must be one of {_REDUCTIONS}; got {reduction!r}")
+        raise FastSCEValueError(f"`reduction` must be one of {_REDUCTIONS}; got {shown(reduction)}")
     impl = _backends.resolve(backend)
     threads = resolve_threads(num_threads)
     return (impl, threads, _flag("grad", grad)) + _logits(logits)
@@ -411,7 +411,7 @@ def _outputs(out, loss_out, want_grad, reduction, x, compute, loss_shape, inputs
     if loss_out is not None:
         if reduction != "none":
             raise FastSCEValueError(
-                f"`loss_out` is the loss map of reduction='none'; got reduction={reduction!r}"
+                f"`loss_out` is the loss map of reduction='none'; got reduction={shown(reduction)}"
             )
         _check_output("loss_out", loss_out, loss_shape, dtypes, inputs + [("out", out)], what)
     in_place = out is not None and _same_view(out, x)
@@ -651,9 +651,9 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
     expected = f"an integer in [{-x.ndim}, {x.ndim - 1}] for logits.shape={x.shape}"
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
         raise FastSCETypeError(
-            f"`axis` must be {expected}; got {axis!r} of type {type(axis).__name__}")
+            f"`axis` must be {expected}; got {shown(axis)} of type {type(axis).__name__}")
     if not -x.ndim <= axis < x.ndim:
-        raise FastSCEValueError(f"`axis` must be {expected}; got {axis!r}")
+        raise FastSCEValueError(f"`axis` must be {expected}; got {shown(axis)}")
     axis = int(axis) % x.ndim
     C = x.shape[axis]
     if C == 0:

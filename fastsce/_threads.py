@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-from ._errors import FastSCETypeError, FastSCEValueError
+from ._errors import FastSCETypeError, FastSCEValueError, shown
 
 
 def available_cpus():
@@ -51,11 +51,11 @@ def resolve_threads(num_threads):
             value = operator.index(num_threads)
         except TypeError:
             raise FastSCETypeError(
-                f"`num_threads` must be a positive integer or None; got {num_threads!r} "
+                f"`num_threads` must be a positive integer or None; got {shown(num_threads)} "
                 f"of type {type(num_threads).__name__}"
             ) from None
         if value <= 0:
             raise FastSCEValueError(
-                f"`num_threads` must be a positive integer or None; got {num_threads!r}"
+                f"`num_threads` must be a positive integer or None; got {shown(num_threads)}"
             )
     return min(value, OVERSUBSCRIPTION * available_cpus())
