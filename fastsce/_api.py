@@ -215,6 +215,8 @@ def _self_overlapping(a):
     """Whether elements of `a` may share memory: sorted by stride, each axis must
     step past all that the smaller ones span (exotic interleaved layouts that
     never overlap are refused too)."""
+    if not a.size:
+        return False
     span = a.itemsize
     for n, stride in sorted(((n, abs(s)) for n, s in zip(a.shape, a.strides) if n > 1),
                             key=lambda ns: ns[1]):
@@ -566,11 +568,13 @@ def reduced(chunk, reduction):
 
 def _deliver(buf, given, dtype):
     """The caller's buffer (filled from ours if they differ) or ours in `dtype`."""
-    if given is not None:
-        if given is not buf:
-            given[...] = buf
-        return given
-    return buf if buf.dtype == dtype else buf.astype(dtype)
+    # A float16 result may overflow to inf, a legitimate value here (SPEC §2).
+    with np.errstate(over="ignore"):
+        if given is not None:
+            if given is not buf:
+                given[...] = buf
+            return given
+        return buf if buf.dtype == dtype else buf.astype(dtype)
 
 
 _LABEL_KINDS = "iu"
