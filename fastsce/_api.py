@@ -297,7 +297,9 @@ def sigmoid_cross_entropy(
         Loss-map buffer for ``reduction="none"``.
     check : bool
         Count targets outside [0, 1] or NaN inside the fused pass and raise
-        ``ValueError`` with their number and first index.
+        ``ValueError`` with their number and first index. When the kernel would
+        write into ``out`` or ``loss_out``, the targets are first checked by a
+        read-only pass, so a failed call leaves those buffers untouched.
     backend : {"auto", "numba", "c", "numpy"}, optional
         Default: the ``use_backend`` context, then ``FASTSCE_BACKEND``, then "auto".
     num_threads : int, optional
