@@ -531,21 +531,22 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
     grouping = chunk.grouping
     parts = _split(_canonical(call), grouping.parts(call.shape, chunk.origin))
     masked = call.m is not None or call.ignore_value is not None
+    # The "mean" gradient needs each group's count before it is written.
+    # (An Accumulator refuses masked "mean" gradients: its counts are the map's.)
+    needs_counts = want_grad and reduction == "mean" and masked
+    # The caller's `out`/`loss_out` (the logits themselves, in place) must be left
+    # as they were if a target is bad, so the targets are checked (read only)
+    # before the kernel writes into them. (A buffer of our own, or the float32
+    # buffer of float16 results, reaches the caller only after success.)
     writes_given = (out is not None and call.grad is out) or \
         (loss_out is not None and call.loss_map is loss_out)
-    if (want_grad and reduction == "mean" and masked) or \
-            (call.check and writes_given and (guard_out or in_place)):
-        # The "mean" gradient needs each group's count before it is written; the
-        # caller's `out`/`loss_out` (the logits themselves, in place) must be left
-        # as they were if a target is bad, so the targets are checked (read only)
-        # before the kernel writes into them. (A buffer of our own, or the float32
-        # buffer of float16 results, reaches the caller only after success.)
-        # (An Accumulator refuses masked "mean" gradients: its counts are the map's.)
+    guards = call.check and writes_given and (guard_out or in_place)
+    counts = grouping.sizes()
+    if needs_counts or guards:
         pre = Chunk(grouping, chunk.origin, GroupSums(math.prod(grouping.result_shape)))
         _totals(call, [(p, precount(impl, c)) for p, c in parts], pre, what)
-        counts = pre.sums.totals()[1].reshape(grouping.result_shape)
-    else:
-        counts = grouping.sizes()
+        if needs_counts:
+            counts = pre.sums.totals()[1].reshape(grouping.result_shape)
     _group_scales(parts, reduction, grad_scale, counts)
     _totals(call, [(p, kernel(c)) for p, c in parts], chunk, what)
     gradient = _deliver(call.grad, out, out_dtype) if want_grad else None
