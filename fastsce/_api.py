@@ -4,14 +4,15 @@ Everything a kernel trusts is established here: dtypes, shapes, broadcasting,
 writability and aliasing of outputs, option ranges. Kernels then take raw
 strided operands (see `_layout`) and never re-check.
 """
+import inspect
 import math
 from collections import namedtuple
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import _backends, _layout
-from ._errors import FastSCETypeError, FastSCEValueError, TargetRangeError
+from . import _backends, _layout, _memory
+from ._errors import FastSCETypeError, FastSCEValueError, TargetRangeError, shown
 from ._groups import Grouping
 from ._partials import GroupSums
 from ._threads import resolve_threads
@@ -69,18 +70,53 @@ class SoftmaxCall(_Call):
 
 def _flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
-        raise FastSCETypeError(f"`{name}` must be True or False; got {value!r}")
+        raise FastSCETypeError(f"`{name}` must be True or False; got {shown(value)}")
     return bool(value)
 
 
+_NOT_REAL = (str, bytes, bool, np.bool_, complex, np.complexfloating)
+
+
 def _real(name, value, lo=-math.inf, hi=math.inf):
+    """A finite float in [lo, hi] from a Python or NumPy scalar."""
     try:
+        if isinstance(value, _NOT_REAL) or np.ndim(value) != 0:
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
-        raise FastSCETypeError(f"`{name}` must be a real number; got {value!r}") from None
-    if not lo <= v <= hi:
-        raise FastSCEValueError(f"`{name}` must lie in [{lo}, {hi}]; got {value!r}")
+        raise FastSCETypeError(
+            f"`{name}` must be a real number; got {shown(value)} of type {type(value).__name__}"
+        ) from None
+    if not (math.isfinite(v) and lo <= v <= hi):
+        within = "" if (lo, hi) == (-math.inf, math.inf) else f" in [{lo:g}, {hi:g}]"
+        raise FastSCEValueError(f"`{name}` must be a finite number{within}; got {shown(value)}")
     return v
+
+
+def _target_scale(value, default):
+    """The divisor of the targets: `target_scale` if given (positive, finite), else `default`."""
+    if value is None:
+        return default
+    scale = _real("target_scale", value)
+    if scale <= 0:
+        raise FastSCEValueError(f"`target_scale` must be positive and finite; got {shown(value)}")
+    return scale
+
+
+def _integer_code(value, dtype, what):
+    """`ignore_value` as an int: an integer (TypeError otherwise) in `dtype`'s range."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise FastSCETypeError(
+            f"`ignore_value` must be an integer {what}; got {shown(value)} of type "
+            f"{type(value).__name__}"
+        )
+    info = np.iinfo(dtype)
+    if not info.min <= int(value) <= info.max:
+        raise FastSCEValueError(
+            f"`ignore_value` must be an integer {what} of targets.dtype={dtype} (in "
+            f"[{info.min}, {info.max}]); got {shown(value)}"
+        )
+    return int(value)
 
 
 def _logits(logits):
@@ -116,10 +152,12 @@ def _weight_like(name, value, shape, compute, what="the shape of `logits`"):
         raise FastSCETypeError(f"`{name}` must be a real number or array; got dtype {a.dtype}")
     _layout.broadcast_operand(name, a, shape, what)
     if a.dtype.newbyteorder("=") not in (compute, np.dtype(np.float16)):
-        a = a.astype(compute)
-    if a.size and not np.min(a) >= 0:
+        a = _memory.converted(name, a, compute,
+                              f"Pass `{name}` as {compute} (or float16) to avoid the copy.")
+    low = np.min(_layout.compact(a)) if a.size else 0.0
+    if not low >= 0:
         raise FastSCEValueError(
-            f"`{name}` must be non-negative (and not NaN); got a minimum of {np.min(a)}"
+            f"`{name}` must be non-negative (and not NaN); got a minimum of {low}"
         )
     return a
 
@@ -155,6 +193,12 @@ def _check_output(name, buf, shape, dtypes, inputs, what="the shape of `logits`"
         )
     if not buf.flags.writeable:
         raise FastSCEValueError(f"`{name}` must be writeable; got a read-only array")
+    if _self_overlapping(buf):
+        raise FastSCEValueError(
+            f"`{name}` must have one place in memory per element; got strides "
+            f"{buf.strides} for shape {buf.shape} (a zero-stride or as_strided view). "
+            "Pass a fresh array."
+        )
     for other_name, other in inputs:
         if other is None or not isinstance(other, np.ndarray):
             continue
@@ -165,6 +209,21 @@ def _check_output(name, buf, shape, dtypes, inputs, what="the shape of `logits`"
                 f"`{name}` overlaps `{other_name}` in memory; pass a separate array"
                 + (" (or `out=logits` itself for an in-place gradient)" if name == "out" else "")
             )
+
+
+def _self_overlapping(a):
+    """Whether elements of `a` may share memory: sorted by stride, each axis must
+    step past all that the smaller ones span (exotic interleaved layouts that
+    never overlap are refused too)."""
+    if not a.size:
+        return False
+    span = a.itemsize
+    for n, stride in sorted(((n, abs(s)) for n, s in zip(a.shape, a.strides) if n > 1),
+                            key=lambda ns: ns[1]):
+        if stride < span:
+            return True
+        span += (n - 1) * stride
+    return False
 
 
 def _same_view(a, b):
@@ -238,7 +297,9 @@ def sigmoid_cross_entropy(
         Loss-map buffer for ``reduction="none"``.
     check : bool
         Count targets outside [0, 1] or NaN inside the fused pass and raise
-        ``ValueError`` with their number and first index.
+        ``ValueError`` with their number and first index. When the kernel would
+        write into ``out`` or ``loss_out``, the targets are first checked by a
+        read-only pass, so a failed call leaves those buffers untouched.
     backend : {"auto", "numba", "c", "numpy"}, optional
         Default: the ``use_backend`` context, then ``FASTSCE_BACKEND``, then "auto".
     num_threads : int, optional
@@ -274,33 +335,25 @@ def sigmoid_cross_entropy(
 def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
              divergence, from_logits, target_scale, ignore_value, reduction, reduce_axes,
              tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads,
-             chunk=None):
+             chunk=None, guard_out=True):
     """The work of the public function: its result and each group's valid count
-    (or, for a `chunk` of an Accumulator's map, its partials added to the map's)."""
+    (or, for a `chunk` of an Accumulator's map, its partials added to the map's).
+    `guard_out=False` (see `into_new_buffer`) skips the pre-pass that keeps a
+    caller's `out`/`loss_out` untouched when a target is bad."""
     impl, threads, want_grad, x, compute = _start(reduction, backend, num_threads, grad,
                                                   logits)
     shape = x.shape
     chunk = chunk or _whole(shape, reduce_axes, tile_shape, reduction)
     z = _targets(targets, shape)
     integer_targets = z.dtype.newbyteorder("=") in _INT_TARGETS
-    scale = _INT_TARGETS.get(z.dtype.newbyteorder("="), 1.0) if target_scale is None else \
-        _real("target_scale", target_scale, 0.0)
-    if not 0 < scale < math.inf:
-        raise FastSCEValueError(f"`target_scale` must be positive and finite; got {target_scale!r}")
+    scale = _target_scale(target_scale, _INT_TARGETS.get(z.dtype.newbyteorder("="), 1.0))
     if ignore_value is not None:
         if not integer_targets:
             raise FastSCEValueError(
                 f"`ignore_value` applies to integer (uint8/uint16) targets only; got targets "
                 f"of dtype {z.dtype}. Use `mask=` with float targets."
             )
-        info = np.iinfo(z.dtype)
-        if isinstance(ignore_value, bool) or not isinstance(ignore_value, (int, np.integer)) \
-                or not info.min <= int(ignore_value) <= info.max:
-            raise FastSCEValueError(
-                f"`ignore_value` must be an integer code of targets.dtype={z.dtype} "
-                f"(in [{info.min}, {info.max}]); got {ignore_value!r}"
-            )
-        ignore_value = int(ignore_value)
+        ignore_value = _integer_code(ignore_value, z.dtype.newbyteorder("="), "code")
     eps, divergence, from_logits, check, gs = _scalars(label_smoothing, divergence,
                                                         from_logits, check, grad_scale)
     w = _weight_like("weight", weight, shape, compute)
@@ -309,8 +362,8 @@ def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
         pw = None  # a == 1 is the plain loss; skip the operand
     if divergence and pw is not None:
         raise FastSCEValueError(
-            "`divergence=True` is defined only with pos_weight == 1 (the KL divergence "
-            "of a re-weighted loss is not a divergence); drop pos_weight or divergence"
+            "`divergence=True` is defined only with `pos_weight` == 1 (the KL divergence "
+            "of a re-weighted loss is not a divergence); drop `pos_weight` or `divergence`"
         )
     m = _mask(mask, shape)
     inputs = [("logits", x), ("targets", np.asarray(targets)), ("weight", weight),
@@ -324,7 +377,8 @@ def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
         check=check, threads=threads,
     )
     return _run(impl, impl.binary, call, reduction, want_grad, gs, out, loss_out, compute,
-                out_dtype, in_place, shape, lambda impl, c: impl.count_valid(c), chunk)
+                out_dtype, in_place, shape, lambda impl, c: impl.count_valid(c), chunk,
+                guard_out)
 
 
 def _whole(shape, reduce_axes, tile_shape, reduction):
@@ -336,7 +390,7 @@ def _whole(shape, reduce_axes, tile_shape, reduction):
 def _start(reduction, backend, num_threads, grad, logits):
     """What every loss validates first: reduction, backend, threads, logits."""
     if reduction not in _REDUCTIONS:
-        raise FastSCEValueError(f"`reduction` must be one of {_REDUCTIONS}; got {reduction!r}")
+        raise FastSCEValueError(f"`reduction` must be one of {_REDUCTIONS}; got {shown(reduction)}")
     impl = _backends.resolve(backend)
     threads = resolve_threads(num_threads)
     return (impl, threads, _flag("grad", grad)) + _logits(logits)
@@ -361,21 +415,21 @@ def _outputs(out, loss_out, want_grad, reduction, x, compute, loss_shape, inputs
     if loss_out is not None:
         if reduction != "none":
             raise FastSCEValueError(
-                f"`loss_out` is the loss map of reduction='none'; got reduction={reduction!r}"
+                f"`loss_out` is the loss map of reduction='none'; got reduction={shown(reduction)}"
             )
         _check_output("loss_out", loss_out, loss_shape, dtypes, inputs + [("out", out)], what)
     in_place = out is not None and _same_view(out, x)
     return (np.dtype(np.float16) if float16 else compute), in_place
 
 
-def _buffer(given, shape, compute):
+def _buffer(given, shape, compute, what, hint):
     """A buffer the kernel can write in the compute dtype (given or new)."""
     if given is not None and given.dtype == compute:
         return given
-    return np.empty(shape, dtype=compute)
+    return _memory.empty(what, shape, compute, hint)
 
 
-def _raise_targets(call, bad, index, wrote, what="index"):
+def _raise_targets(call, bad, index, what="index"):
     if getattr(call, "hard", False):
         expected = f"class indices in [0, {call.classes - 1}]"
     else:
@@ -385,7 +439,6 @@ def _raise_targets(call, bad, index, wrote, what="index"):
         f"`targets` must be {expected}; found {bad} value(s) outside that range "
         f"or NaN, the first at {what} {tuple(int(i) for i in index)}. Fix the targets, "
         "mask them out, or pass check=False."
-        + (" `out`/`loss_out` may hold partial results." if wrote else "")
     )
 
 
@@ -436,7 +489,7 @@ class Chunk:
     sums: GroupSums        # the map's per-group partials, added to by every chunk
 
 
-def _totals(call, results, chunk, wrote, what):
+def _totals(call, results, chunk, what):
     """Add (part, Partials) pairs to the chunk's group sums (checking targets first)."""
     if call.check:
         bad = sum(p.bad for _, p in results)
@@ -445,7 +498,7 @@ def _totals(call, results, chunk, wrote, what):
                 index = part.origin(p.first_bad)
                 if chunk.origin is not None:
                     index = tuple(i + o for i, o in zip(index, chunk.origin))
-                _raise_targets(call, bad, index, wrote, what)
+                _raise_targets(call, bad, index, what)
     shape = chunk.grouping.result_shape
     ids = np.arange(math.prod(shape)).reshape(shape)
     for part, p in results:
@@ -462,29 +515,40 @@ def _group_scales(parts, reduction, grad_scale, counts):
 
 
 def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, compute,
-         out_dtype, in_place, grad_shape, precount, chunk, what="index"):
+         out_dtype, in_place, grad_shape, precount, chunk, guard_out, what="index"):
     """Shared tail of every loss: pre-pass if needed, the kernel on every part of
     the grouping, checks; the LossResult and each group's valid count. A chunk
     of an Accumulator's map only adds its partials (and writes its gradient)."""
     if want_grad:
-        call.grad = _buffer(out, grad_shape, compute)
+        call.grad = _buffer(out, grad_shape, compute, "the gradient",
+                            "Pass grad=False for the loss alone, or out= a buffer of your "
+                            "own (an np.memmap works).")
     if reduction == "none":
-        call.loss_map = _buffer(loss_out, call.shape, compute)
+        call.loss_map = _buffer(loss_out, call.shape, compute, "the loss map of "
+                                "reduction='none'", "Use reduction='mean' or 'sum' (with "
+                                "reduce_axes or tile_shape for smaller maps), or pass "
+                                "loss_out= a buffer of your own.")
     grouping = chunk.grouping
     parts = _split(_canonical(call), grouping.parts(call.shape, chunk.origin))
     masked = call.m is not None or call.ignore_value is not None
-    if (want_grad and reduction == "mean" and masked) or (in_place and call.check):
-        # The "mean" gradient needs each group's count before it is written; an
-        # in-place gradient needs the targets checked before the logits are overwritten.
-        # (An Accumulator refuses masked "mean" gradients: its counts are the map's.)
+    # The "mean" gradient needs each group's count before it is written.
+    # (An Accumulator refuses masked "mean" gradients: its counts are the map's.)
+    needs_counts = want_grad and reduction == "mean" and masked
+    # The caller's `out`/`loss_out` (the logits themselves, in place) must be left
+    # as they were if a target is bad, so the targets are checked (read only)
+    # before the kernel writes into them. (A buffer of our own, or the float32
+    # buffer of float16 results, reaches the caller only after success.)
+    writes_given = (out is not None and call.grad is out) or \
+        (loss_out is not None and call.loss_map is loss_out)
+    guards = call.check and writes_given and (guard_out or in_place)
+    counts = grouping.sizes()
+    if needs_counts or guards:
         pre = Chunk(grouping, chunk.origin, GroupSums(math.prod(grouping.result_shape)))
-        _totals(call, [(p, precount(impl, c)) for p, c in parts], pre, False, what)
-        counts = pre.sums.totals()[1].reshape(grouping.result_shape)
-    else:
-        counts = grouping.sizes()
+        _totals(call, [(p, precount(impl, c)) for p, c in parts], pre, what)
+        if needs_counts:
+            counts = pre.sums.totals()[1].reshape(grouping.result_shape)
     _group_scales(parts, reduction, grad_scale, counts)
-    _totals(call, [(p, kernel(c)) for p, c in parts], chunk, want_grad or reduction == "none",
-            what)
+    _totals(call, [(p, kernel(c)) for p, c in parts], chunk, what)
     gradient = _deliver(call.grad, out, out_dtype) if want_grad else None
     if chunk.origin is not None:
         return None, None
@@ -507,11 +571,13 @@ def reduced(chunk, reduction):
 
 def _deliver(buf, given, dtype):
     """The caller's buffer (filled from ours if they differ) or ours in `dtype`."""
-    if given is not None:
-        if given is not buf:
-            given[...] = buf
-        return given
-    return buf if buf.dtype == dtype else buf.astype(dtype)
+    # A float16 result may overflow to inf, a legitimate value here (SPEC §2).
+    with np.errstate(over="ignore"):
+        if given is not None:
+            if given is not buf:
+                given[...] = buf
+            return given
+        return buf if buf.dtype == dtype else buf.astype(dtype)
 
 
 _LABEL_KINDS = "iu"
@@ -583,20 +649,25 @@ def softmax_cross_entropy(
 def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value,
              label_smoothing, divergence, from_logits, target_scale, reduction, reduce_axes,
              tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads,
-             chunk=None):
+             chunk=None, guard_out=True):
     """The work of the public function (see _sigmoid)."""
     impl, threads, want_grad, x, compute = _start(reduction, backend, num_threads, grad,
                                                   logits)
     if x.ndim == 0:
         raise FastSCEValueError("`logits` must have a class axis; got a 0-d array")
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) \
-            or not -x.ndim <= axis < x.ndim:
-        raise FastSCEValueError(
-            f"`axis` must be an integer in [{-x.ndim}, {x.ndim - 1}] for logits.shape="
-            f"{x.shape}; got {axis!r}"
-        )
+    expected = f"an integer in [{-x.ndim}, {x.ndim - 1}] for logits.shape={x.shape}"
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        raise FastSCETypeError(
+            f"`axis` must be {expected}; got {shown(axis)} of type {type(axis).__name__}")
+    if not -x.ndim <= axis < x.ndim:
+        raise FastSCEValueError(f"`axis` must be {expected}; got {shown(axis)}")
     axis = int(axis) % x.ndim
     C = x.shape[axis]
+    if C == 0:
+        raise FastSCEValueError(
+            f"`logits` must have at least one class along axis {axis} (a softmax over no "
+            f"classes is undefined); got logits.shape={x.shape}"
+        )
     pixel_shape = x.shape[:axis] + x.shape[axis + 1:]
     chunk = chunk or _whole(pixel_shape, reduce_axes, tile_shape, reduction)
     t = np.asarray(targets)
@@ -604,7 +675,8 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
     hard = t.dtype.kind in _LABEL_KINDS and t.shape != x.shape and t.ndim == len(pixel_shape)
     if hard:
         _layout.broadcast_operand("targets", t, pixel_shape, what="the pixel shape of `logits`")
-        z = t if native_t == np.int64 else t.astype(np.int64)
+        z = t if native_t == np.int64 else _memory.converted(
+            "targets", t, np.int64, "Pass class indices as int64 to avoid the copy.")
         if target_scale is not None:
             raise FastSCEValueError("`target_scale` applies to soft targets, not class indices")
         scale = float(C - 1)
@@ -616,19 +688,14 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
                 f"logits.shape={x.shape}"
             )
         z = _targets(t, x.shape)
-        scale = _INT_TARGETS.get(native_t, 1.0) if target_scale is None else \
-            _real("target_scale", target_scale, 0.0)
-        if not 0 < scale < math.inf:
-            raise FastSCEValueError(f"`target_scale` must be positive and finite; got {target_scale!r}")
+        scale = _target_scale(target_scale, _INT_TARGETS.get(native_t, 1.0))
     if ignore_value is not None:
         if not hard:
             raise FastSCEValueError(
                 "`ignore_value` applies to integer class-index targets only; use `mask=` "
                 f"with soft targets (got targets of shape {t.shape} and dtype {t.dtype})"
             )
-        if isinstance(ignore_value, bool) or not isinstance(ignore_value, (int, np.integer)):
-            raise FastSCEValueError(f"`ignore_value` must be an integer label; got {ignore_value!r}")
-        ignore_value = int(ignore_value)
+        ignore_value = _integer_code(ignore_value, np.int64, "label")
     eps, divergence, from_logits, check, gs = _scalars(label_smoothing, divergence,
                                                         from_logits, check, grad_scale)
     cw = None
@@ -654,7 +721,23 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
         ignore_value=ignore_value, check=check, threads=threads,
     )
     return _run(impl, impl.softmax, call, reduction, want_grad, gs, out, loss_out, compute,
-                out_dtype, in_place, x.shape, _softmax_precount, chunk, what="pixel")
+                out_dtype, in_place, x.shape, _softmax_precount, chunk, guard_out,
+                what="pixel")
+
+
+def into_new_buffer(public):
+    """`public` (a loss function) for a caller whose `out` is a new buffer that no one
+    sees if the call fails (fastsce.torch's gradient tensor): its targets are
+    checked by the fused pass alone, without the read-only pre-pass that keeps a
+    user's buffer untouched."""
+    work = {sigmoid_cross_entropy: _sigmoid, softmax_cross_entropy: _softmax}[public]
+    defaults = {name: p.default for name, p in inspect.signature(public).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+
+    def call(logits, targets, **options):
+        return work(logits, targets, **{**defaults, **options}, guard_out=False)[0]
+
+    return call
 
 
 def _softmax_precount(impl, call):

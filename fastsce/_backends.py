@@ -10,7 +10,7 @@ import importlib
 import os
 import warnings
 
-from ._errors import BackendUnavailableError, FastSCEValueError
+from ._errors import BackendUnavailableError, FastSCETypeError, FastSCEValueError, shown
 
 NAMES = ("numba", "c", "numpy")
 #: "auto" takes the first available of these (see README, "Choosing a backend").
@@ -55,7 +55,7 @@ BACKENDS = {
 def _check_name(name, source):
     if name not in NAMES and name != "auto":
         raise FastSCEValueError(
-            f"{source} must be one of 'auto', 'numba', 'c', 'numpy'; got {name!r}"
+            f"{source} must be one of 'auto', 'numba', 'c', 'numpy'; got {shown(name)}"
         )
     return name
 
@@ -102,8 +102,8 @@ def resolve(name):
         name = default_name()
     else:
         if not isinstance(name, str):
-            raise FastSCEValueError(
-                f"`backend` must be one of 'auto', 'numba', 'c', 'numpy'; got {name!r}"
+            raise FastSCETypeError(
+                f"`backend` must be one of 'auto', 'numba', 'c', 'numpy'; got {shown(name)}"
             )
         _check_name(name, "`backend`")
     if name == "auto":

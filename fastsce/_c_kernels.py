@@ -8,6 +8,7 @@ import numpy as np
 
 from . import _cffi_kernels
 from ._layout import BLOCK, HALF, SLOTS, SWAPPED, kernel_dtype, make_plan, softmax_tile
+from ._memory import check_softmax_scratch, size_text, softmax_scratch_bytes
 from ._partials import from_blocks
 
 ffi, lib = _cffi_kernels.ffi, _cffi_kernels.lib
@@ -64,11 +65,15 @@ def _f64(a):
     return ffi.from_buffer("double *", a)
 
 
-def _check(status, what):
+#: Bytes of a binary walk's per-thread scratch: a BLOCK-long row buffer per slot.
+WALK_SCRATCH = len(SLOTS) * 8 * BLOCK
+
+
+def _check(status, what, per_thread, threads):
     if status == lib.FASTSCE_ENOMEM:
         raise MemoryError(
-            f"fastsce C kernel {what}: could not allocate per-thread scratch "
-            f"({7 * 8 * BLOCK} bytes per thread)"
+            f"fastsce C kernel {what}: could not allocate its per-thread scratch, up to "
+            f"{size_text(per_thread)} per thread for num_threads={threads}. Use fewer threads."
         )
 
 
@@ -86,7 +91,7 @@ def binary(call):
                   _ptr(plan, "m", "u8"), _ptr(plan, "pw", x), _i64(strides), _params(call, plan),
                   _f64(call.gscale), _ptr(plan, "g", x), _ptr(plan, "l", x),
                   _f64(parts[0]), _i64(parts[1]), _i64(parts[2]), _i64(parts[3])),
-               "sigmoid_cross_entropy")
+               "sigmoid_cross_entropy", WALK_SCRATCH, call.threads)
     return from_blocks(*parts, plan.n_groups)
 
 
@@ -97,6 +102,7 @@ def softmax(call):
                      group_size=call.group_size, class_axis=call.axis, full_shape=call.x.shape)
     parts = _partials(plan.n_blocks)
     if plan.n_blocks:
+        check_softmax_scratch(call.classes, call.threads)
         strides = np.ascontiguousarray(plan.strides)
         cw = ffi.NULL if call.cw is None else ffi.from_buffer(_CTYPES[x], call.cw)
         fn = getattr(lib, f"fastsce_softmax_ce_{x}_{t}")
@@ -106,7 +112,7 @@ def softmax(call):
                   _i64(plan.class_strides), cw, _params(call, plan), _f64(call.gscale),
                   _ptr(plan, "g", x), _ptr(plan, "l", x),
                   _f64(parts[0]), _i64(parts[1]), _i64(parts[2]), _i64(parts[3])),
-               "softmax_cross_entropy")
+               "softmax_cross_entropy", softmax_scratch_bytes(call.classes), call.threads)
     return from_blocks(*parts, plan.n_groups)
 
 
@@ -119,7 +125,8 @@ def count_valid(call):
         fn = getattr(lib, f"fastsce_count_valid_{t}")
         _check(fn(len(plan.shape), _i64(plan.shape), plan.group_size,
                   _ptr(plan, "z", t), _ptr(plan, "m", "u8"), _i64(strides), _params(call, plan),
-                  _i64(parts[1]), _i64(parts[2]), _i64(parts[3])), "count_valid")
+                  _i64(parts[1]), _i64(parts[2]), _i64(parts[3])), "count_valid",
+               WALK_SCRATCH, call.threads)
     return from_blocks(*parts, plan.n_groups)
 
 

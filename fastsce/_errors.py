@@ -20,3 +20,12 @@ class TargetRangeError(FastSCEValueError):
 
 class BackendUnavailableError(FastSCEError, RuntimeError):
     """The requested backend could not be loaded on this machine."""
+
+
+def shown(value):
+    """A given value as an error message shows it: arrays by shape and dtype, never
+    their contents; anything else by a short repr."""
+    if hasattr(value, "shape") and hasattr(value, "dtype") and getattr(value, "ndim", 0):
+        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

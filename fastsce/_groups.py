@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._errors import FastSCETypeError, FastSCEValueError
+from ._errors import FastSCETypeError, FastSCEValueError, shown
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Grouping:
         if reduce_axes is not None and tile_shape is not None:
             raise FastSCEValueError(
                 "pass `reduce_axes` or `tile_shape`, not both; got "
-                f"reduce_axes={reduce_axes!r} and tile_shape={tile_shape!r}")
+                f"reduce_axes={shown(reduce_axes)} and tile_shape={shown(tile_shape)}")
         if (reduce_axes is not None or tile_shape is not None) and reduction == "none":
             raise FastSCEValueError(
                 "`reduce_axes` and `tile_shape` group a 'sum' or 'mean' reduction; got "
@@ -164,14 +164,15 @@ def _axes(value, ndim):
         items = None
     if items is None or any(isinstance(d, bool) or not isinstance(d, (int, np.integer))
                             for d in items):
-        raise FastSCETypeError(f"`reduce_axes` must be an int or a tuple of ints; got {value!r}")
+        raise FastSCETypeError(
+            f"`reduce_axes` must be an int or a tuple of ints; got {shown(value)}")
     if any(not -ndim <= d < ndim for d in items):
         raise FastSCEValueError(
             f"`reduce_axes` must name axes of the {ndim}-d pixel shape (in [{-ndim}, "
-            f"{ndim - 1}]); got {value!r}")
+            f"{ndim - 1}]); got {shown(value)}")
     axes = sorted(int(d) % ndim for d in items)
     if len(set(axes)) != len(axes):
-        raise FastSCEValueError(f"`reduce_axes` names an axis twice; got {value!r}")
+        raise FastSCEValueError(f"`reduce_axes` names an axis twice; got {shown(value)}")
     return tuple(axes)
 
 
@@ -179,10 +180,12 @@ def _tile(value, ndim):
     try:
         th, tw = value
     except (TypeError, ValueError):
-        raise FastSCETypeError(f"`tile_shape` must be a pair (th, tw); got {value!r}") from None
-    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1
-           for t in (th, tw)):
-        raise FastSCEValueError(f"`tile_shape` must be two positive integers; got {value!r}")
+        raise FastSCETypeError(
+            f"`tile_shape` must be a pair (th, tw); got {shown(value)}") from None
+    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in (th, tw)):
+        raise FastSCETypeError(f"`tile_shape` must be two positive integers; got {shown(value)}")
+    if th < 1 or tw < 1:
+        raise FastSCEValueError(f"`tile_shape` must be two positive integers; got {shown(value)}")
     if ndim < 2:
         raise FastSCEValueError(
             f"`tile_shape` tiles the last two axes; got a {ndim}-d pixel shape")

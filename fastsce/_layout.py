@@ -170,6 +170,15 @@ def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None
     )
 
 
+def compact(a):
+    """`a` with its broadcast (zero-stride) axes cut to length 1: its distinct values.
+
+    Converting this and broadcasting the result back copies only those.
+    """
+    return a[tuple(slice(0, 1) if s == 0 and n > 1 else slice(None)
+                   for n, s in zip(a.shape, a.strides))]
+
+
 def broadcast_operand(name, a, shape, what="the shape of `logits`"):
     """Check that `a` broadcasts to `shape` without changing it."""
     try:

@@ -33,6 +33,7 @@ from numba.extending import overload
 from . import _numba_math as M
 from ._numba_math import jit
 from ._layout import BLOCK, kernel_dtype, make_plan
+from ._memory import check_softmax_scratch
 from ._numba_convert import HALF_BITS, convert
 from ._partials import from_blocks
 from ._reference import DENOM_FLOOR, LOG_CLAMP
@@ -421,6 +422,9 @@ def softmax(call):
     parts = (np.zeros(nb), np.zeros(nb, np.int64), np.zeros(nb, np.int64),
              np.full(nb, -1, np.int64))
     if nb:
+        # An allocation failing inside the parallel loop would surface as a
+        # SystemError after some blocks ran: find out before.
+        check_softmax_scratch(C, call.threads)
         f = plan.flats
         run = softmax_driver(call.from_logits, call.divergence, call.hard,
                              kernel_dtype(call.x.dtype).type)

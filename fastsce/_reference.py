@@ -89,8 +89,9 @@ def binary_elementwise(call):
 
 def _bad_targets(call, t, valid):
     """Counted elements whose target is outside [0, 1] or NaN, as flat indices."""
-    raw = t / call.scale
-    return np.flatnonzero(np.broadcast_to(valid & ~((raw >= 0) & (raw <= 1)), call.shape))
+    # t in [0, scale], compared as the kernels compare it (class indices of a
+    # single class have scale 0: t / scale would be NaN for the valid label 0).
+    return np.flatnonzero(np.broadcast_to(valid & ~((t >= 0) & (t <= call.scale)), call.shape))
 
 
 def _groups(call, a):

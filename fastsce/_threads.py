@@ -1,8 +1,11 @@
 """Thread-count resolution: argument > FASTSCE_NUM_THREADS > CPU affinity."""
+import operator
 import os
 import warnings
 
-from ._errors import FastSCEValueError
+import numpy as np
+
+from ._errors import FastSCETypeError, FastSCEValueError, shown
 
 
 def available_cpus():
@@ -32,17 +35,27 @@ def _env_threads():
     return value
 
 
+#: Threads beyond this many times the CPUs only add overhead, and an OpenMP
+#: runtime asked for tens of thousands crashes the process: they are capped.
+OVERSUBSCRIPTION = 4
+
+
 def resolve_threads(num_threads):
-    """The thread count for one call, validated."""
+    """The thread count for one call, validated (at most OVERSUBSCRIPTION x the CPUs)."""
     if num_threads is None:
-        return _env_threads() or available_cpus()
-    if isinstance(num_threads, bool) or not isinstance(num_threads, (int,)) and not hasattr(num_threads, "__index__"):
-        raise FastSCEValueError(
-            f"`num_threads` must be a positive integer or None; got {num_threads!r}"
-        )
-    value = int(num_threads)
-    if value <= 0:
-        raise FastSCEValueError(
-            f"`num_threads` must be a positive integer or None; got {num_threads!r}"
-        )
-    return value
+        value = _env_threads() or available_cpus()
+    else:
+        try:
+            if isinstance(num_threads, (bool, np.bool_)):
+                raise TypeError
+            value = operator.index(num_threads)
+        except TypeError:
+            raise FastSCETypeError(
+                f"`num_threads` must be a positive integer or None; got {shown(num_threads)} "
+                f"of type {type(num_threads).__name__}"
+            ) from None
+        if value <= 0:
+            raise FastSCEValueError(
+                f"`num_threads` must be a positive integer or None; got {shown(num_threads)}"
+            )
+    return min(value, OVERSUBSCRIPTION * available_cpus())

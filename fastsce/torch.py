@@ -37,6 +37,9 @@ __all__ = ["SigmoidCrossEntropy", "SoftmaxCrossEntropy", "sigmoid_cross_entropy"
            "softmax_cross_entropy"]
 
 _DTYPES = (torch.float32, torch.float64)
+# The gradient goes into a fresh tensor: nothing to guard if a target is bad.
+_SIGMOID = _api.into_new_buffer(_api.sigmoid_cross_entropy)
+_SOFTMAX = _api.into_new_buffer(_api.softmax_cross_entropy)
 _OPERANDS = ("weight", "pos_weight", "mask", "class_weights")  # constants, as target
 
 
@@ -83,7 +86,7 @@ def sigmoid_cross_entropy(
                    ignore_value=ignore_value, reduction=reduction, reduce_axes=reduce_axes,
                    tile_shape=tile_shape, check=check, backend=backend,
                    num_threads=num_threads)
-    return _loss(_api.sigmoid_cross_entropy, _torch_ops.sigmoid_cross_entropy, None,
+    return _loss(_SIGMOID, _torch_ops.sigmoid_cross_entropy, None,
                  input, target, options, fallback)
 
 
@@ -129,7 +132,7 @@ def softmax_cross_entropy(
                    divergence=divergence, from_logits=from_logits, target_scale=target_scale,
                    reduction=reduction, reduce_axes=reduce_axes, tile_shape=tile_shape,
                    check=check, backend=backend, num_threads=num_threads)
-    return _loss(_api.softmax_cross_entropy, _torch_ops.softmax_cross_entropy, dim,
+    return _loss(_SOFTMAX, _torch_ops.softmax_cross_entropy, dim,
                  input, target, options, fallback)
 
 
@@ -187,7 +190,7 @@ def _numpy(value):
 
 @dataclass
 class _Plan:
-    kernel: object        # fastsce.sigmoid_cross_entropy or softmax_cross_entropy
+    kernel: object        # _SIGMOID or _SOFTMAX
     target: object        # NumPy view of the target
     options: dict         # kernel keywords (NumPy views of the tensor options)
     want_grad: bool
@@ -246,7 +249,7 @@ class _Fused(torch.autograd.Function):
 
 
 _NAMES = [(re.compile(r"\blogits\b"), "input"), (re.compile(r"\btargets\b"), "target"),
-          (re.compile(r"`axis`"), "`dim`"), (re.compile(r" `out`/`loss_out` may hold.*"), "")]
+          (re.compile(r"`axis`"), "`dim`")]
 
 
 def _torch_names(message):

@@ -247,7 +247,7 @@ def naive_softmax(logits, targets, *, axis=1, class_weights=None, weight=None, m
     pshape = x.shape[:-1]
     t = np.asarray(targets)
     valid = np.ones(pshape, bool)
-    if t.dtype.kind in "iu" and t.shape != x_raw.shape:
+    if t.dtype.kind in "iu" and t.shape != x_raw.shape and t.ndim == len(pshape):
         labels = np.broadcast_to(t, pshape).astype(np.int64)
         if ignore_value is not None:
             valid &= labels != ignore_value

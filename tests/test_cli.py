@@ -1,6 +1,7 @@
 """`fastsce evaluate`: the numbers equal fastsce.evaluate on the same arrays for
 .npy, .png and .tif inputs (a tiled BigTIFF streamed band by band); outputs;
-and each user error: one line naming the file, its exit code, no output file."""
+and user errors (the rest of them are rows of tests/bad_inputs.py: one line
+naming the file, its exit code, no output file)."""
 import json
 import os
 import subprocess
@@ -133,53 +134,6 @@ def test_python_m_runs_the_sample(tmp_path):
                            "--size", "64"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "sample_0" in done.stdout and done.stderr == ""    # no progress in piped output
-
-
-def write_pair(folder, pred, target, name="a"):
-    folder.mkdir(exist_ok=True)
-    (folder / "p").mkdir(exist_ok=True)
-    (folder / "t").mkdir(exist_ok=True)
-    np.save(folder / "p" / f"{name}.npy", pred)
-    np.save(folder / "t" / f"{name}.npy", target)
-
-
-@pytest.mark.parametrize("case, code, names", [
-    ("unreadable", 3, "b.npy"),
-    ("unknown", 3, "a.bmp"),
-    ("unpaired", 3, "c.npy"),
-    ("shape", 4, "a.npy"),
-    ("dtype", 4, "a.npy"),
-    ("range", 5, "a.npy"),
-])
-def test_errors(tmp_path, capsys, case, code, names):
-    x, z = masks(2, 16, 12)
-    write_pair(tmp_path, x[0], z[0])
-    p, t = tmp_path / "p", tmp_path / "t"
-    args = [p, t]
-    if case == "unreadable":
-        write_pair(tmp_path, x[1], z[1], "b")
-        (p / "b.npy").write_bytes(b"not an npy file")
-    elif case == "unknown":
-        (p / "a.bmp").write_bytes(b"BM")
-        args = [p / "a.bmp", t / "a.npy"]
-    elif case == "unpaired":
-        np.save(p / "c.npy", x[1])
-    elif case == "shape":
-        np.save(t / "a.npy", z[0][:, :5])
-    elif case == "dtype":
-        np.save(p / "a.npy", x[0].astype(np.int32))
-    elif case == "range":
-        write_pair(tmp_path, x[1], z[1], "b")
-        np.save(t / "b.npy", z[1] * 2)
-        names = "b.npy"
-    outputs = ["--csv", tmp_path / "r.csv", "--json", tmp_path / "r.json",
-               "--save-maps", tmp_path / "maps"]
-    got, out, err = run(capsys, *args, *outputs)
-    assert got == code
-    assert err.count("\n") == 1 and err.startswith("fastsce: error: ") and names in err
-    assert "Traceback" not in err
-    assert not (tmp_path / "r.csv").exists() and not (tmp_path / "r.json").exists()
-    assert not os.listdir(tmp_path / "maps") if (tmp_path / "maps").exists() else True
 
 
 def test_uint8_predictions_need_from_probs(tmp_path, capsys):

@@ -7,12 +7,16 @@ resident set (VmHWM) after resetting it through /proc/self/clear_refs.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 from procmem import PRELUDE
+
+import fastsce
 
 N = 100_000_000  # float32: 400 MB per array
 
@@ -79,3 +83,114 @@ def test_broadcast_beyond_int32(fast_backend):
     # every element has the same float32 loss; the float64 block sums are exact
     # and fsum rounds their total once
     assert out["sum"] == pytest.approx(BIG * out["one"], rel=1e-15)
+
+
+# ------------------------------------------------------------------ failed allocations
+
+HUGE = 2**40  # elements of zero-stride views: nothing is really allocated
+
+
+def test_softmax_scratch_bound_uses_both_kernels_constants():
+    """fastsce._memory bounds either kernel's softmax scratch from their constants."""
+    from fastsce import _memory, _numba_softmax
+    with open(os.path.join(os.path.dirname(fastsce.__file__), "..", "csrc",
+                           "softmax_ce.c")) as f:
+        source = f.read()
+    c_chunk = int(source.split("#define CHUNK ")[1].split()[0])
+    c_pad = int(source.split("#define BUF_STRIDE(tsz) ((tsz) + ")[1].split(")")[0])
+    assert _memory.BUF_PAD == _numba_softmax.BUF_PAD == c_pad
+    assert _memory.CHUNK_BYTES >= max(2 * _numba_softmax.CHUNK * 8, c_chunk * 16)
+
+
+@pytest.mark.parametrize("what", ["gradient", "loss map", "softmax scratch"])
+def test_failed_allocation_names_array_and_size(backend, what):
+    x = np.broadcast_to(np.float32(0.5), (1, HUGE, 1))
+    if what == "gradient":
+        call, kw, need = fastsce.sigmoid_cross_entropy, {}, 4 * HUGE
+    elif what == "loss map":
+        call, kw, need = fastsce.sigmoid_cross_entropy, dict(grad=False, reduction="none"), \
+            4 * HUGE
+    else:
+        if backend == "numpy":
+            pytest.skip("the reference has no scratch (its temporaries: tests/bad_inputs.py)")
+        call, kw, need = fastsce.softmax_cross_entropy, dict(grad=False), None
+    with pytest.raises(MemoryError) as info:
+        call(x, x, backend=backend, **kw)
+    msg = str(info.value)
+    assert what.split()[-1] in msg and re.search(r"\d\.\d [TPE]iB \([\d,]+ bytes\)", msg), msg
+    if need is not None:
+        assert f"{need:,} bytes" in msg and "4.0 TiB" in msg, msg
+
+
+def test_broadcast_operands_are_converted_without_expanding(fast_backend):
+    """float32 weights for float64 logits, int32 labels: only distinct values copied."""
+    x = np.broadcast_to(np.float64(0.3), (HUGE,))
+    w = np.broadcast_to(np.float32(2.0), (HUGE,))
+    with pytest.raises(MemoryError, match="the gradient"):  # reached past the weight
+        fastsce.sigmoid_cross_entropy(x, x, weight=w, backend=fast_backend)
+    labels = np.broadcast_to(np.int32(1), (HUGE,))
+    with pytest.raises(MemoryError, match="the gradient"):
+        fastsce.softmax_cross_entropy(np.broadcast_to(np.float64(0), (HUGE, 2)), labels,
+                                      axis=1, backend=fast_backend)
+
+
+# ------------------------------------------------------------------ nothing to compute
+
+ZERO_SIZE = [(0,), (3, 0), (0, 4, 5), (2, 0, 6)]
+
+
+@pytest.mark.parametrize("shape", [()] + ZERO_SIZE, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_size_and_0d_binary(backend, shape, reduction):
+    """Every reduction and grouping of a 0-d or empty map: mean of nothing is NaN
+    (SPEC §1.4), a sum 0, maps and gradients empty; every option accepted."""
+    x = np.zeros(shape, np.float32)
+    z = np.full(shape, 0.5, np.float32)
+    opts = dict(weight=np.ones(shape[-1:], np.float32), mask=np.ones(shape, bool),
+                pos_weight=2.0, label_smoothing=0.1, grad_scale=2.0, num_threads=3)
+    groupings = [{}]
+    if reduction != "none":
+        groupings += [dict(reduce_axes=tuple(range(len(shape))))]
+        groupings += [dict(tile_shape=(2, 3))] if len(shape) >= 2 else []
+    for grouping in groupings:
+        out = np.full(shape, 7.0, np.float32)
+        res = fastsce.sigmoid_cross_entropy(x, z, reduction=reduction, out=out,
+                                            backend=backend, **opts, **grouping)
+        assert res.grad is out and res.grad.shape == shape
+        _check_nothing(res.loss, shape, reduction, grouping)
+
+
+@pytest.mark.parametrize("shape,axis", [((3,), 0), ((0, 3), 1), ((2, 3, 0, 4), 1),
+                                        ((0, 5, 2), -1)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_size_softmax(backend, shape, axis, reduction):
+    x = np.zeros(shape, np.float64)
+    pixels = shape[:axis % len(shape)] + shape[axis % len(shape) + 1:]
+    C = shape[axis]
+    for targets in (np.full(shape, 1 / C), np.zeros(pixels, np.int64)):
+        kw = dict(class_weights=np.ones(C), mask=np.ones(pixels, bool), label_smoothing=0.2)
+        if targets.dtype.kind == "i":
+            kw["ignore_value"] = -1
+        res = fastsce.softmax_cross_entropy(x, targets, axis=axis, reduction=reduction,
+                                            backend=backend, **kw)
+        assert res.grad.shape == shape
+        _check_nothing(res.loss, pixels, reduction, {}, value=np.log(C))
+
+
+def _check_nothing(loss, shape, reduction, grouping, value=None):
+    """The loss of a 0-d map (one element) or an empty one."""
+    n = math.prod(shape)
+    if reduction == "none":
+        assert loss.shape == shape
+        return
+    if grouping:
+        loss = np.asarray(loss)
+        assert isinstance(loss, np.ndarray)
+        if n == 0 and loss.size:
+            assert np.isnan(loss).all() if reduction == "mean" else (loss == 0).all()
+        return
+    assert isinstance(loss, float)
+    if n == 0:
+        assert np.isnan(loss) if reduction == "mean" else loss == 0.0
+    elif value is not None:
+        assert loss == pytest.approx(value * (n if reduction == "sum" else 1))

@@ -348,16 +348,20 @@ def test_in_place_target_error_leaves_logits(backend, what, reduction):
     np.testing.assert_array_equal(x, x_before)
 
 
-def test_target_error_with_separate_out_says_so(backend):
-    # SPEC §2: a separate `out` may hold partial results after a target error,
-    # and then the message says so
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_target_error_leaves_a_separate_out_untouched(backend, reduction):
+    # The targets are checked (read only) before the kernel writes into a
+    # caller's `out` / `loss_out`, so a failed call writes nothing there.
     x, z = case()
     z[1, 2, 3, 1] = 1.01
     out = np.full(SHAPE, SENTINEL)
+    loss_out = np.full(PIXELS, SENTINEL) if reduction == "none" else None
     with pytest.raises(ValueError, match="targets") as info:
-        smx(x, z, out=out, backend=backend)
-    if not np.all(out == SENTINEL):
-        assert "partial" in str(info.value), str(info.value)
+        smx(x, z, out=out, loss_out=loss_out, reduction=reduction, backend=backend)
+    assert "partial" not in str(info.value)
+    np.testing.assert_array_equal(out, SENTINEL)
+    if loss_out is not None:
+        np.testing.assert_array_equal(loss_out, SENTINEL)
 
 
 def test_errors_are_the_same_on_every_backend(backend):
