@@ -397,23 +397,32 @@ DEFINE_BINARY(f64, double, f32, float)
 DEFINE_BINARY(f64, double, u8, uint8_t)
 DEFINE_BINARY(f64, double, u16, uint16_t)
 
-/* Count and check only. */
+/* Count and check only: the pre-pass that guards a caller's out (and counts a
+ * masked "mean"), as vectorized as the loss loops (it reads as many bytes). */
 #define DEFINE_COUNT(TN, T)                                                            \
-static seg_sums count_##TN(const seg_args *s)                                          \
+ALWAYS_INLINE seg_sums count_loop_##TN(const seg_args *s, int masked)                  \
 {                                                                                      \
     const T *t = (const T *)s->t;                                                      \
-    const fastsce_params *p = s->p;                                             \
-    int64_t count = 0, bad = 0;                                                        \
-    for (int64_t i = 0; i < s->n; i++) {                                               \
-        int valid = s->m ? s->m[i] != 0 : 1;                                           \
-        if (IS_INT(T) && p->has_ignore && t[i] == (T)p->ignore) valid = 0;             \
+    const uint8_t *m = s->m;                                                           \
+    const fastsce_params *p = s->p;                                                    \
+    const int has_ignore = IS_INT(T) && p->has_ignore;                                 \
+    const T ignore = (T)p->ignore;                                                     \
+    const double sc = p->scale;                                                        \
+    const int64_t n = s->n;                                                            \
+    int32_t count = 0, bad = 0;     /* n <= FASTSCE_BLOCK */                           \
+    _Pragma("omp simd reduction(+:count,bad)")                                         \
+    for (int64_t i = 0; i < n; i++) {                                                  \
+        int valid = masked ? m[i] != 0 : 1;                                            \
+        valid = valid && !(has_ignore && t[i] == ignore);                              \
         double tf = (double)t[i];                                                      \
-        bad += valid && !(tf >= 0.0 && tf <= p->scale);                                \
+        bad += valid && !(tf >= 0.0 && tf <= sc);                                      \
         count += valid;                                                                \
     }                                                                                  \
     seg_sums r = {0.0, count, bad};                                                    \
     return r;                                                                          \
 }                                                                                      \
+FASTSCE_CLONES static seg_sums count_##TN(const seg_args *s)                           \
+{ return s->m ? count_loop_##TN(s, 1) : count_loop_##TN(s, 0); }                       \
 int fastsce_count_valid_##TN(int ndim, const int64_t *shape, int64_t group_size,        \
         const T *t, const uint8_t *m, const int64_t *strides,                          \
         const fastsce_params *p, int64_t *part_count, int64_t *part_bad,        \
