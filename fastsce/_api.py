@@ -429,11 +429,14 @@ def _split(call, parts):
 
 @dataclass
 class Chunk:
-    """A chunk of a larger map (the Accumulator's): its groups are the map's."""
+    """A chunk of a larger map (the Accumulator's, a dask array's): its groups are the map's."""
 
     grouping: Grouping     # of the whole map
     origin: tuple          # the chunk's first pixel in the map
     sums: GroupSums        # the map's per-group partials, added to by every chunk
+    counts: object = None  # the map's valid count per group, if counted beforehand:
+                           # what a "mean" gradient divides by (fastsce.dask's count pass)
+    count_only: bool = False  # add only the chunk's valid counts (and check targets)
 
 
 def _totals(call, results, chunk, wrote, what):
@@ -472,8 +475,13 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
         call.loss_map = _buffer(loss_out, call.shape, compute)
     grouping = chunk.grouping
     parts = _split(_canonical(call), grouping.parts(call.shape, chunk.origin))
+    if chunk.count_only:
+        _totals(call, [(p, precount(impl, c)) for p, c in parts], chunk, False, what)
+        return None, None
     masked = call.m is not None or call.ignore_value is not None
-    if (want_grad and reduction == "mean" and masked) or (in_place and call.check):
+    if chunk.counts is not None:
+        counts = chunk.counts
+    elif (want_grad and reduction == "mean" and masked) or (in_place and call.check):
         # The "mean" gradient needs each group's count before it is written; an
         # in-place gradient needs the targets checked before the logits are overwritten.
         # (An Accumulator refuses masked "mean" gradients: its counts are the map's.)
@@ -515,6 +523,27 @@ def _deliver(buf, given, dtype):
 
 
 _LABEL_KINDS = "iu"
+
+
+def class_axis(axis, shape):
+    """The softmax's `axis` for logits of `shape`, validated and made non-negative."""
+    ndim = len(shape)
+    if ndim == 0:
+        raise FastSCEValueError("`logits` must have a class axis; got a 0-d array")
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) \
+            or not -ndim <= axis < ndim:
+        raise FastSCEValueError(
+            f"`axis` must be an integer in [{-ndim}, {ndim - 1}] for logits.shape="
+            f"{tuple(shape)}; got {axis!r}"
+        )
+    return int(axis) % ndim
+
+
+def hard_labels(targets, shape):
+    """Whether softmax `targets` (anything with dtype and shape) are class indices of
+    the pixel shape, rather than soft targets of the logits' `shape`."""
+    return (targets.dtype.kind in _LABEL_KINDS and tuple(targets.shape) != tuple(shape)
+            and len(targets.shape) == len(shape) - 1)
 
 
 def softmax_cross_entropy(
@@ -587,21 +616,13 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
     """The work of the public function (see _sigmoid)."""
     impl, threads, want_grad, x, compute = _start(reduction, backend, num_threads, grad,
                                                   logits)
-    if x.ndim == 0:
-        raise FastSCEValueError("`logits` must have a class axis; got a 0-d array")
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) \
-            or not -x.ndim <= axis < x.ndim:
-        raise FastSCEValueError(
-            f"`axis` must be an integer in [{-x.ndim}, {x.ndim - 1}] for logits.shape="
-            f"{x.shape}; got {axis!r}"
-        )
-    axis = int(axis) % x.ndim
+    axis = class_axis(axis, x.shape)
     C = x.shape[axis]
     pixel_shape = x.shape[:axis] + x.shape[axis + 1:]
     chunk = chunk or _whole(pixel_shape, reduce_axes, tile_shape, reduction)
     t = np.asarray(targets)
     native_t = t.dtype.newbyteorder("=")
-    hard = t.dtype.kind in _LABEL_KINDS and t.shape != x.shape and t.ndim == len(pixel_shape)
+    hard = hard_labels(t, x.shape)
     if hard:
         _layout.broadcast_operand("targets", t, pixel_shape, what="the pixel shape of `logits`")
         z = t if native_t == np.int64 else t.astype(np.int64)
