@@ -62,7 +62,7 @@ except ImportError as exc:  # the extra is optional: say how to get it
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -193,9 +193,9 @@ def evaluate(logits, targets, *, loss="sigmoid", axis=1, tile_shape=None, mask=N
         options["class_weights"] = class_weights
     # The NumPy evaluate on stand-ins checks every argument, with its messages.
     stand_in, blocks = ops.stand_ins(x, arrays)
-    _evaluate(stand_in, **ops.of(blocks, all_keywords=False), loss=loss, axis=axis,
-              tile_shape=tile_shape, **options)
-    stream = _Stream(loss, x.shape, class_axis, tile_shape, ops, options)
+    index = _evaluate(stand_in, **ops.of(blocks, all_keywords=False), loss=loss, axis=axis,
+                      tile_shape=tile_shape, **options).index
+    stream = _Stream(loss, x.shape, class_axis, tile_shape, ops, options, index)
     per_chunk = da.map_blocks(_chunk_evaluation, x, *arrays, stream=stream,
                               chunks=_unit_chunks(x), dtype=object, meta=_objects(x.ndim))
     result = _merge(per_chunk, _merged_evaluation, (), object, stream=stream)
@@ -406,7 +406,7 @@ def _merged_loss(nested, plan):
     grouping = plan.grouping()
     loss, _ = _api.reduced(_api.Chunk(grouping, None, _merged_sums(nested, grouping)),
                            plan.options["reduction"])
-    return np.asarray(loss, np.float64)
+    return loss if grouping.grouped else np.float64(loss)  # as dask's own reductions
 
 
 def _merged_sums(nested, grouping):
@@ -426,6 +426,7 @@ class _Stream:
     tile_shape: object
     operands: _Operands
     options: dict
+    index: tuple       # the axis names fastsce.evaluate gives
 
     def new(self):
         return EvaluationStream(self.shape, loss=self.loss, axis=self.axis or 0,
@@ -449,7 +450,7 @@ def _merged_evaluation(nested, stream):
     total = stream.new()
     for part in _leaves(nested):
         total.merge(part)
-    return total.result()
+    return replace(total.result(), index=stream.index)
 
 
 def _merge(per_chunk, function, shape, dtype, **kwargs):
