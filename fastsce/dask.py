@@ -25,9 +25,10 @@ How it works, and what it guarantees:
   the same factor (``grad_scale``, over the group's valid count for "mean").
   Without a mask or ``ignore_value`` that count is the group's size. With
   one, each "mean" count must be known before any gradient is written: a
-  first pass reads only the targets and the mask (the count kernel), its
-  per-chunk counts are summed in one task, and that task is a dependency of
-  every chunk's fused call (`_api.Chunk.counts`).
+  first pass reads only the mask (and the targets, for ``ignore_value``)
+  with the count kernel, its per-chunk counts are summed in one task, and
+  that task is a dependency of every chunk's fused call (`_api.Chunk.counts`).
+  Dask keeps the chunks that both passes read (the mask) in memory between them.
 * The loss and the gradient come from the same task per chunk: compute them
   together, ``dask.compute(loss, grad)``, and each chunk is read and run
   once. Computed one after the other, the chunks run twice. With
@@ -222,8 +223,12 @@ def _loss(kind, logits, axis, given, options, grad, rejoin_classes):
     reduction = options["reduction"]
     masked = "mask" in ops.names or options["ignore_value"] is not None
     if want_grad and reduction == "mean" and masked:
-        zeros = da.zeros(x.shape, chunks=x.chunks, dtype=x.dtype)  # the kernel reads no logits
-        counted = da.map_blocks(_chunk_counts, zeros, *arrays, plan=plan,
+        # The count kernel reads the mask, and the targets only for ignore_value:
+        # the other operands (and the logits) are zero-stride stand-ins, so dask
+        # makes no chunk of them, nor keeps it in memory until the fused pass.
+        read = {"mask"} | ({"targets"} if options["ignore_value"] is not None else set())
+        counting = [a if name in read else _zeros_like(a) for name, a in zip(ops.names, arrays)]
+        counted = da.map_blocks(_chunk_counts, _zeros_like(x), *counting, plan=plan,
                                 chunks=_unit_chunks(x), dtype=object, meta=_objects(x.ndim))
         arrays = arrays + [_merge(counted, _merged_counts, (), object, plan=plan)]
     fused = da.map_blocks(_chunk_loss, x, *arrays, plan=plan, want_grad=want_grad,
@@ -470,6 +475,11 @@ def _leaves(nested):
             yield from _leaves(item)
     else:
         yield nested
+
+
+def _zeros_like(a):
+    """Zeros of `a`'s shape, chunks and dtype: zero-stride blocks, no data."""
+    return da.zeros(a.shape, chunks=a.chunks, dtype=a.dtype)
 
 
 def _unit_chunks(x):
