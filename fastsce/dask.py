@@ -164,7 +164,8 @@ def evaluate(logits, targets, *, loss="sigmoid", axis=1, tile_shape=None, mask=N
 
     Takes the arguments of :func:`fastsce.evaluate` (operands as in
     :func:`sigmoid_cross_entropy`), except ``per_class``, which this
-    function does not offer. Each chunk runs the passes of
+    function does not offer; ``num_threads`` and ``rejoin_classes`` as in
+    :func:`softmax_cross_entropy`. Each chunk runs the passes of
     ``fastsce.evaluate`` (an EvaluationStream of the whole map fed that
     chunk); one task merges them in block-index order.
 
@@ -179,13 +180,8 @@ def evaluate(logits, targets, *, loss="sigmoid", axis=1, tile_shape=None, mask=N
         raise FastSCEValueError(f"`loss` must be 'sigmoid' or 'softmax'; got {loss!r}")
     if loss == "softmax" and pos_weight is not None:
         raise FastSCEValueError("`pos_weight` applies to loss='sigmoid'; use `class_weights=`")
-    x = _dask_logits(logits)
-    class_axis = None
-    if loss == "softmax":
-        class_axis = _api.class_axis(axis, x.shape)
-        x = _whole_classes(x, class_axis, rejoin_classes)
-    given = dict(targets=targets, mask=mask, weight=weight, pos_weight=pos_weight)
-    x, ops, arrays = _align(loss, x, class_axis, given)
+    x, class_axis, ops, arrays = _inputs(loss, logits, axis, dict(
+        targets=targets, mask=mask, weight=weight, pos_weight=pos_weight), rejoin_classes)
     options = dict(label_smoothing=label_smoothing, from_logits=from_logits,
                    target_scale=target_scale, ignore_value=ignore_value, check=check,
                    backend=_backends.resolve_name(backend), num_threads=num_threads)
@@ -205,14 +201,10 @@ def evaluate(logits, targets, *, loss="sigmoid", axis=1, tile_shape=None, mask=N
 
 def _loss(kind, logits, axis, given, options, grad, rejoin_classes):
     """The lazy LossResult of one of the loss functions."""
-    x = _dask_logits(logits)
     want_grad = _api._flag("grad", grad)
-    class_axis = None
-    if kind == "softmax":
-        class_axis = _api.class_axis(axis, x.shape)
-        x = _whole_classes(x, class_axis, rejoin_classes)
+    x, class_axis, ops, arrays = _inputs(kind, logits, axis, given, rejoin_classes)
+    if class_axis is not None:
         options["axis"] = class_axis
-    x, ops, arrays = _align(kind, x, class_axis, given)
     options["backend"] = _backends.resolve_name(options["backend"])
     plan = _Plan(kind, ops, options, _pixels(x.shape, class_axis))
     # The NumPy function on stand-ins checks every argument, with its messages,
@@ -223,14 +215,7 @@ def _loss(kind, logits, axis, given, options, grad, rejoin_classes):
     reduction = options["reduction"]
     masked = "mask" in ops.names or options["ignore_value"] is not None
     if want_grad and reduction == "mean" and masked:
-        # The count kernel reads the mask, and the targets only for ignore_value:
-        # the other operands (and the logits) are zero-stride stand-ins, so dask
-        # makes no chunk of them, nor keeps it in memory until the fused pass.
-        read = {"mask"} | ({"targets"} if options["ignore_value"] is not None else set())
-        counting = [a if name in read else _zeros_like(a) for name, a in zip(ops.names, arrays)]
-        counted = da.map_blocks(_chunk_counts, _zeros_like(x), *counting, plan=plan,
-                                chunks=_unit_chunks(x), dtype=object, meta=_objects(x.ndim))
-        arrays = arrays + [_merge(counted, _merged_counts, (), object, plan=plan)]
+        arrays = arrays + [_counts(x, ops, arrays, plan)]
     fused = da.map_blocks(_chunk_loss, x, *arrays, plan=plan, want_grad=want_grad,
                           map_dtype=None if reduction != "none" else meta_loss.dtype,
                           grad_dtype=None if meta_grad is None else meta_grad.dtype,
@@ -252,6 +237,30 @@ def _loss(kind, logits, axis, given, options, grad, rejoin_classes):
                                 meta=_objects(x.ndim))
         loss = _merge(sums, _merged_loss, grouping.result_shape, np.float64, plan=plan)
     return _api.LossResult(loss, gradient)
+
+
+def _counts(x, ops, arrays, plan):
+    """The map's valid count per group (a 0-d object array holding them): the
+    count kernel on every chunk, then one task that sums them."""
+    # The count kernel reads the mask, and the targets only for ignore_value:
+    # the other operands (and the logits) are zero-stride stand-ins, so dask
+    # makes no chunk of them, nor keeps it in memory until the fused pass.
+    read = {"mask"} | ({"targets"} if plan.options["ignore_value"] is not None else set())
+    counting = [a if name in read else _zeros_like(a) for name, a in zip(ops.names, arrays)]
+    counted = da.map_blocks(_chunk_counts, _zeros_like(x), *counting, plan=plan,
+                            chunks=_unit_chunks(x), dtype=object, meta=_objects(x.ndim))
+    return _merge(counted, _merged_counts, (), object, plan=plan)
+
+
+def _inputs(kind, logits, axis, given, rejoin_classes):
+    """(logits, class axis or None, _Operands, the operands' dask arrays): the
+    logits with whole classes per chunk, the operands on their axes and chunks."""
+    x = _dask_logits(logits)
+    class_axis = None
+    if kind == "softmax":
+        class_axis = _api.class_axis(axis, x.shape)
+        x = _whole_classes(x, class_axis, rejoin_classes)
+    return (x, class_axis) + _align(kind, x, class_axis, given)
 
 
 def _dask_logits(logits):
@@ -283,8 +292,8 @@ def _pixels(shape, axis):
 
 
 def _align(kind, x, axis, given):
-    """The logits and the given operands as dask arrays on the logits' axes and
-    chunks: (x, _Operands, the operands' arrays in _Operands.names order)."""
+    """The given operands as dask arrays on the logits' axes and chunks:
+    (_Operands, their arrays in _Operands.names order)."""
     names, on_pixels, arrays = [], [], []
     targets = given["targets"]
     if not isinstance(targets, da.Array):
@@ -299,7 +308,7 @@ def _align(kind, x, axis, given):
         if pixelwise:
             on_pixels.append(name)
         arrays.append(_aligned(name, value, x, axis if pixelwise else None))
-    return x, _Operands(kind, tuple(names), tuple(on_pixels), axis), arrays
+    return _Operands(kind, tuple(names), tuple(on_pixels), axis), arrays
 
 
 def _aligned(name, value, x, insert_axis):
@@ -434,6 +443,7 @@ class _Stream:
     index: tuple       # the axis names fastsce.evaluate gives
 
     def new(self):
+        # (The sigmoid's stream ignores its axis: it has no per-class rows.)
         return EvaluationStream(self.shape, loss=self.loss, axis=self.axis or 0,
                                 tile_shape=self.tile_shape,
                                 with_pos_weight="pos_weight" in self.operands.names,
