@@ -479,17 +479,16 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
         _totals(call, [(p, precount(impl, c)) for p, c in parts], chunk, False, what)
         return None, None
     masked = call.m is not None or call.ignore_value is not None
-    if chunk.counts is not None:
-        counts = chunk.counts
-    elif (want_grad and reduction == "mean" and masked) or (in_place and call.check):
+    counts = grouping.sizes() if chunk.counts is None else chunk.counts
+    if (want_grad and reduction == "mean" and masked and chunk.counts is None) \
+            or (in_place and call.check):
         # The "mean" gradient needs each group's count before it is written; an
         # in-place gradient needs the targets checked before the logits are overwritten.
         # (An Accumulator refuses masked "mean" gradients: its counts are the map's.)
         pre = Chunk(grouping, chunk.origin, GroupSums(math.prod(grouping.result_shape)))
         _totals(call, [(p, precount(impl, c)) for p, c in parts], pre, False, what)
-        counts = pre.sums.totals()[1].reshape(grouping.result_shape)
-    else:
-        counts = grouping.sizes()
+        if chunk.counts is None and masked:  # unmasked, the counts are the sizes
+            counts = pre.sums.totals()[1].reshape(grouping.result_shape)
     _group_scales(parts, reduction, grad_scale, counts)
     _totals(call, [(p, kernel(c)) for p, c in parts], chunk, want_grad or reduction == "none",
             what)

@@ -106,6 +106,17 @@ def test_coverage_and_argument_errors():
     assert not g.any()
 
 
+def test_in_place_mean_gradient_divides_by_the_map_count(backend):
+    x, z = data((4, 100), seed=6, dtype=np.float64)
+    one = fastsce.sigmoid_cross_entropy(x, z, backend=backend)
+    g = x.copy()                                   # each chunk's gradient over its logits
+    acc = fastsce.Accumulator("sigmoid", g.shape, out=g, backend=backend)
+    for i in range(4):
+        acc.add(g[i:i + 1], z[i:i + 1], index=(slice(i, i + 1),))
+    np.testing.assert_allclose(acc.result().loss, one.loss, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(g, one.grad)
+
+
 def test_merge_collects_what_one_accumulator_would(backend):
     """Accumulators fed disjoint chunks (in threads or processes) merge to the whole map."""
     shape = (3, 40, 300)
