@@ -129,6 +129,31 @@ class Accumulator:
                           **self.options)
         self.boxes = np.concatenate([self.boxes, box[None]])
 
+    def merge(self, other):
+        """Add the chunks that `other`, an Accumulator of the same map and options,
+        collected (in another thread or process), as if they had been added here.
+
+        Gradients stay where each Accumulator wrote them (one memmap given to
+        every Accumulator as `out` gathers them).
+        """
+        mine, theirs = self._identity(), getattr(other, "_identity", lambda: None)()
+        if theirs != mine:
+            raise FastSCEValueError(
+                "`other` must be an Accumulator of the same map and options; got "
+                f"{theirs} for {mine}")
+        for box in other.boxes:
+            self._check_overlap(box)
+        self.sums.merge(other.sums)
+        self.boxes = np.concatenate([self.boxes, other.boxes])
+
+    def _identity(self):
+        """What two Accumulators must share to be merged."""
+        options = dict(self.options, grad=None)  # `out` may differ
+        if options.get("class_weights") is not None:
+            options["class_weights"] = tuple(np.asarray(options["class_weights"]).tolist())
+        return dict(options, kind=self.kind, shape=self.shape, groups=self.grouping.axes,
+                    tiles=self.grouping.tile)
+
     def result(self):
         """LossResult(loss, out) of the whole map, as one call would return it.
 
@@ -168,14 +193,17 @@ class Accumulator:
             raise FastSCEValueError(
                 f"a softmax chunk must hold every class (axis {self.axis}); got "
                 f"{extent[self.axis]} of {self.shape[self.axis]}")
-        if math.prod(extent) and len(self.boxes):
+        self._check_overlap(box)
+        return box
+
+    def _check_overlap(self, box):
+        if np.prod(box[1] - box[0]) and len(self.boxes):
             hit = np.all((np.maximum(self.boxes[:, 0], box[0]) <
                           np.minimum(self.boxes[:, 1], box[1])), axis=1)
             if hit.any():
                 prev = self.boxes[np.argmax(hit)]
                 raise FastSCEValueError(
                     f"chunk {_slices(box)} overlaps the chunk added as {_slices(prev)}")
-        return box
 
 
 def _slices(box):

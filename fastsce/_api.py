@@ -482,11 +482,14 @@ def _split(call, parts):
 
 @dataclass
 class Chunk:
-    """A chunk of a larger map (the Accumulator's): its groups are the map's."""
+    """A chunk of a larger map (the Accumulator's, a dask array's): its groups are the map's."""
 
     grouping: Grouping     # of the whole map
     origin: tuple          # the chunk's first pixel in the map
     sums: GroupSums        # the map's per-group partials, added to by every chunk
+    counts: object = None  # the map's valid count per group, if counted beforehand:
+                           # what a "mean" gradient divides by (fastsce.dask's count pass)
+    count_only: bool = False  # add only the chunk's valid counts (and check targets)
 
 
 def _totals(call, results, chunk, what):
@@ -530,10 +533,14 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
                                 "loss_out= a buffer of your own.")
     grouping = chunk.grouping
     parts = _split(_canonical(call), grouping.parts(call.shape, chunk.origin))
+    if chunk.count_only:
+        _totals(call, [(p, precount(impl, c)) for p, c in parts], chunk, what)
+        return None, None
     masked = call.m is not None or call.ignore_value is not None
-    # The "mean" gradient needs each group's count before it is written.
-    # (An Accumulator refuses masked "mean" gradients: its counts are the map's.)
-    needs_counts = want_grad and reduction == "mean" and masked
+    # The "mean" gradient needs each group's count before it is written (unless
+    # the chunk brings its map's). (An Accumulator refuses masked "mean"
+    # gradients: its counts are the map's.)
+    needs_counts = want_grad and reduction == "mean" and masked and chunk.counts is None
     # The caller's `out`/`loss_out` (the logits themselves, in place) must be left
     # as they were if a target is bad, so the targets are checked (read only)
     # before the kernel writes into them. (A buffer of our own, or the float32
@@ -541,7 +548,7 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
     writes_given = (out is not None and call.grad is out) or \
         (loss_out is not None and call.loss_map is loss_out)
     guards = call.check and writes_given and (guard_out or in_place)
-    counts = grouping.sizes()
+    counts = grouping.sizes() if chunk.counts is None else chunk.counts
     if needs_counts or guards:
         pre = Chunk(grouping, chunk.origin, GroupSums(math.prod(grouping.result_shape)))
         _totals(call, [(p, precount(impl, c)) for p, c in parts], pre, what)
@@ -581,6 +588,27 @@ def _deliver(buf, given, dtype):
 
 
 _LABEL_KINDS = "iu"
+
+
+def class_axis(axis, shape):
+    """The softmax's `axis` for logits of `shape`, validated and made non-negative."""
+    ndim = len(shape)
+    if ndim == 0:
+        raise FastSCEValueError("`logits` must have a class axis; got a 0-d array")
+    expected = f"an integer in [{-ndim}, {ndim - 1}] for logits.shape={tuple(shape)}"
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        raise FastSCETypeError(
+            f"`axis` must be {expected}; got {shown(axis)} of type {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise FastSCEValueError(f"`axis` must be {expected}; got {shown(axis)}")
+    return int(axis) % ndim
+
+
+def hard_labels(targets, shape):
+    """Whether softmax `targets` (anything with dtype and shape) are class indices of
+    the pixel shape, rather than soft targets of the logits' `shape`."""
+    return (targets.dtype.kind in _LABEL_KINDS and tuple(targets.shape) != tuple(shape)
+            and len(targets.shape) == len(shape) - 1)
 
 
 def softmax_cross_entropy(
@@ -653,15 +681,7 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
     """The work of the public function (see _sigmoid)."""
     impl, threads, want_grad, x, compute = _start(reduction, backend, num_threads, grad,
                                                   logits)
-    if x.ndim == 0:
-        raise FastSCEValueError("`logits` must have a class axis; got a 0-d array")
-    expected = f"an integer in [{-x.ndim}, {x.ndim - 1}] for logits.shape={x.shape}"
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-        raise FastSCETypeError(
-            f"`axis` must be {expected}; got {shown(axis)} of type {type(axis).__name__}")
-    if not -x.ndim <= axis < x.ndim:
-        raise FastSCEValueError(f"`axis` must be {expected}; got {shown(axis)}")
-    axis = int(axis) % x.ndim
+    axis = class_axis(axis, x.shape)
     C = x.shape[axis]
     if C == 0:
         raise FastSCEValueError(
@@ -672,7 +692,7 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
     chunk = chunk or _whole(pixel_shape, reduce_axes, tile_shape, reduction)
     t = np.asarray(targets)
     native_t = t.dtype.newbyteorder("=")
-    hard = t.dtype.kind in _LABEL_KINDS and t.shape != x.shape and t.ndim == len(pixel_shape)
+    hard = hard_labels(t, x.shape)
     if hard:
         _layout.broadcast_operand("targets", t, pixel_shape, what="the pixel shape of `logits`")
         z = t if native_t == np.int64 else _memory.converted(

@@ -118,3 +118,10 @@ def resolve(name):
             "fastsce.info() shows every backend's status."
         )
     return record.load()
+
+
+def resolve_name(name):
+    """The name of the backend `resolve(name)` picks: fixed before work is sent to
+    other processes, where the `use_backend` context does not reach."""
+    impl = resolve(name)
+    return next(n for n, record in BACKENDS.items() if record.load() is impl)

@@ -253,6 +253,16 @@ class EvaluationStream:
             x, box = np.moveaxis(x, self.axis, -1), np.delete(box, self.axis, axis=1)
         self.nonfinite += _nonfinite(x, self.grouping, tuple(box[0]))
 
+    def merge(self, other):
+        """Add the chunks that `other`, a stream of the same map and options, collected."""
+        if not isinstance(other, EvaluationStream) or other.passes.keys() != self.passes.keys():
+            raise FastSCEValueError(
+                "`other` must be an EvaluationStream of the same map and options; got "
+                f"{type(other).__name__}")
+        for key, acc in self.passes.items():
+            acc.merge(other.passes[key])
+        self.nonfinite += other.nonfinite
+
     def result(self):
         """The Evaluation of the whole map (raises if part of it was never added)."""
         sums = {}

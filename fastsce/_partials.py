@@ -43,6 +43,12 @@ class GroupSums:
         self.loss.append(partials.loss.ravel())
         self.count.append(partials.count.ravel())
 
+    def merge(self, other):
+        """Take in another collection's partials (of the same groups)."""
+        self.ids += other.ids
+        self.loss += other.loss
+        self.count += other.count
+
     def totals(self):
         """(loss, count) per result index: fsum of its partials, and their count."""
         loss = np.zeros(self.size)

@@ -106,6 +106,40 @@ def test_coverage_and_argument_errors():
     assert not g.any()
 
 
+def test_in_place_mean_gradient_divides_by_the_map_count(backend):
+    x, z = data((4, 100), seed=6, dtype=np.float64)
+    one = fastsce.sigmoid_cross_entropy(x, z, backend=backend)
+    g = x.copy()                                   # each chunk's gradient over its logits
+    acc = fastsce.Accumulator("sigmoid", g.shape, out=g, backend=backend)
+    for i in range(4):
+        acc.add(g[i:i + 1], z[i:i + 1], index=(slice(i, i + 1),))
+    np.testing.assert_allclose(acc.result().loss, one.loss, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(g, one.grad)
+
+
+def test_merge_collects_what_one_accumulator_would(backend):
+    """Accumulators fed disjoint chunks (in threads or processes) merge to the whole map."""
+    shape = (3, 40, 300)
+    x, z = data(shape, seed=5, dtype=np.float64)
+    one = fastsce.sigmoid_cross_entropy(x, z, tile_shape=(16, 128), backend=backend, grad=False)
+    parts = []
+    for i in range(3):
+        acc = fastsce.Accumulator("sigmoid", shape, tile_shape=(16, 128), backend=backend)
+        acc.add(x[i:i + 1], z[i:i + 1], index=(slice(i, i + 1),))
+        parts.append(acc)
+    total = fastsce.Accumulator("sigmoid", shape, tile_shape=(16, 128), backend=backend)
+    for acc in parts[::-1]:
+        total.merge(acc)
+    np.testing.assert_allclose(total.result().loss, one.loss, rtol=1e-12, atol=0)
+    with pytest.raises(fastsce.FastSCEValueError, match="overlaps"):
+        total.merge(parts[0])
+    for other in (fastsce.Accumulator("sigmoid", shape, backend=backend),
+                  fastsce.Accumulator("sigmoid", shape, tile_shape=(16, 128), backend=backend,
+                                      label_smoothing=0.1), "not an accumulator"):
+        with pytest.raises(fastsce.FastSCEValueError, match="same map and options"):
+            total.merge(other)
+
+
 # ---------------------------------------------------------------- memmaps
 
 SCRIPT = PRELUDE + textwrap.dedent("""

@@ -113,3 +113,26 @@ def test_evaluate_errors(kwargs, match):
     x, z, _ = stack()
     with pytest.raises(fastsce.FastSCEError, match=match):
         fastsce.evaluate(x, z, backend="numpy", **kwargs)
+
+
+def test_streams_of_disjoint_chunks_merge():
+    """EvaluationStreams fed different images merge to `evaluate` of the whole stack."""
+    from fastsce._evaluate import EvaluationStream
+
+    x, z, m = stack(seed=3)
+    ev = fastsce.evaluate(x, z, mask=m[:, None], tile_shape=(8, 8), backend="numpy")
+    streams = []
+    for i in range(x.shape[0]):
+        s = EvaluationStream(x.shape, tile_shape=(8, 8), backend="numpy")
+        s.add(x[i:i + 1], z[i:i + 1], (slice(i, i + 1),), mask=m[i:i + 1, None])
+        streams.append(s)
+    total = EvaluationStream(x.shape, tile_shape=(8, 8), backend="numpy")
+    for s in streams[::-1]:
+        total.merge(s)
+    got = total.result()
+    for name in ("cross_entropy", "kl_divergence", "target_entropy"):
+        close(getattr(got, name), getattr(ev, name), 1e-12)
+    np.testing.assert_array_equal(got.valid, ev.valid)
+    np.testing.assert_array_equal(got.nonfinite, ev.nonfinite)
+    with pytest.raises(fastsce.FastSCEValueError, match="same map and options"):
+        total.merge(EvaluationStream(x.shape, with_pos_weight=True, backend="numpy"))
