@@ -778,13 +778,21 @@ def _softmax_precount(impl, call):
                                          ignore_value=None, **pixel_groups))
     if not call.check:
         return pixels
-    # Walk the elements with the class axis last, so the first bad element
-    # belongs to the first bad pixel, as the fused pass reports it.
-    z = np.moveaxis(np.broadcast_to(call.z, call.x.shape), call.axis, -1)
-    m = None if call.m is None else np.broadcast_to(call.m, call.shape)[..., None]
-    elements = impl.count_valid(BinaryCall(shape=z.shape, z=z, m=m, scale=call.scale,
-                                           ignore_value=None, **common,
-                                           group_size=call.group_size * call.classes))
+    # Count bad elements in the targets' memory order (the call holds the class
+    # axis last; walking NCHW that way strides across the map: 3x the fused pass).
+    z = np.broadcast_to(call.z, call.x.shape)
+    m = None if call.m is None else np.expand_dims(np.broadcast_to(call.m, call.shape), -1)
+    order = sorted(range(z.ndim), key=lambda a: -abs(z.strides[a]))
+    elements = impl.count_valid(BinaryCall(
+        shape=tuple(z.shape[a] for a in order), z=z.transpose(order),
+        m=None if m is None else m.transpose(order), scale=call.scale, ignore_value=None,
+        **common, group_size=z.size))
+    if elements.bad:
+        # Rare path: walk again class axis last, so the first bad element belongs
+        # to the first bad pixel, as the fused pass reports it.
+        elements = impl.count_valid(BinaryCall(shape=z.shape, z=z, m=m, scale=call.scale,
+                                               ignore_value=None, **common,
+                                               group_size=call.group_size * call.classes))
     first = elements.first_bad // call.classes if elements.bad else -1
     pixels.bad, pixels.first_bad = elements.bad, first
     return pixels
