@@ -1,8 +1,39 @@
-"""Thread-count resolution: argument > FASTSCE_NUM_THREADS > CPU affinity."""
+"""Thread-count resolution: argument > FASTSCE_NUM_THREADS > CPU affinity,
+except in a process forked after OpenMP ran here: one thread there.
+
+GNU OpenMP (libgomp, which the C kernels and Numba's "omp" layer share) is not
+fork-safe: the child inherits a thread pool whose threads were not copied, and
+its next parallel region hangs (C) or is killed by Numba ("fork() called from
+a process already using GNU OpenMP"). One thread never enters the pool
+(csrc/walk.h; `_numba_threading` runs serial kernels), so such a child
+computes the same results, serially. spawn and forkserver children start
+clean and keep their threads.
+"""
 import os
 import warnings
 
 from ._errors import FastSCEValueError
+
+_openmp_used = False      # this process ran a kernel that may have started an OpenMP pool
+_forked_after_openmp = False
+
+
+def mark_openmp_used():
+    global _openmp_used
+    _openmp_used = True
+
+
+def _after_fork_in_child():
+    global _forked_after_openmp
+    _forked_after_openmp = _forked_after_openmp or _openmp_used
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked_after_openmp():
+    """True in a process forked (at any depth) after OpenMP threads ran."""
+    return _forked_after_openmp
 
 
 def available_cpus():
@@ -33,9 +64,9 @@ def _env_threads():
 
 
 def resolve_threads(num_threads):
-    """The thread count for one call, validated."""
+    """The thread count for one call, validated (1 after an unsafe fork)."""
     if num_threads is None:
-        return _env_threads() or available_cpus()
+        return 1 if _forked_after_openmp else _env_threads() or available_cpus()
     if isinstance(num_threads, bool) or not isinstance(num_threads, (int,)) and not hasattr(num_threads, "__index__"):
         raise FastSCEValueError(
             f"`num_threads` must be a positive integer or None; got {num_threads!r}"
@@ -45,4 +76,4 @@ def resolve_threads(num_threads):
         raise FastSCEValueError(
             f"`num_threads` must be a positive integer or None; got {num_threads!r}"
         )
-    return value
+    return 1 if _forked_after_openmp else value
