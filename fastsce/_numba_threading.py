@@ -8,12 +8,14 @@ tests/test_concurrency.py:
 
     layer       several Python threads at once     a child forked after a launch
     tbb         safe                               safe
-    omp (GNU)   safe                               killed at its first launch
+    omp         safe                               GNU OpenMP: killed at its first launch
     workqueue   aborts the whole process           safe
 
 So a launch takes a lock while the layer is workqueue or not started yet (the
 first launch picks it), and a child forked after OpenMP ran (`_threads`) runs
-twins of the kernels compiled without `parallel`, which launch nothing.
+twins of the kernels compiled without `parallel`, which launch nothing, unless
+its layer is fork-safe (every omp counts as GNU's: a serial kernel is never
+wrong, only slower).
 """
 import contextlib
 import functools

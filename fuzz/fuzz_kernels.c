@@ -383,7 +383,8 @@ static void build(input *in, call *c)
     c->p.from_logits = c->kind == SOFTMAX || (o & 1);
     c->p.divergence = (o >> 1) & 1;
     c->p.eps = (o >> 2 & 3) == 3 ? byte(in) / 255.0 : (o >> 2 & 3) * 0.25;
-    c->p.scale = c->ttype == U8 ? (o & 32 ? 255 : 100) : c->ttype == U16 ? (o & 32 ? 65535 : 1000) : 1;
+    c->p.scale = c->ttype == U8 ? (o & 32 ? 255 : 100)
+               : c->ttype == U16 ? (o & 32 ? 65535 : 1000) : 1;
     c->p.has_ignore = (c->ttype >= U8) && (o & 64);
     c->p.ignore = c->ttype == I64 ? -1 : c->ttype == U8 ? 255 : 65535;
     c->p.num_threads = (int)pick(in, 1, 3);
@@ -459,8 +460,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         int64_t idx[MAXD] = {0};
         do {
             double a = load(&c.op[s], idx), d = load(&dense[s], idx);
-            if (!same(a, d)) fail(s == SG ? "gradient depends on layout" : "loss map depends on layout", offset(&dense[s], idx));
-            if (c.ordinary && !isfinite(a)) fail(s == SG ? "non-finite gradient" : "non-finite loss map", offset(&dense[s], idx));
+            int64_t at = offset(&dense[s], idx);
+            if (!same(a, d)) fail(s == SG ? "gradient depends on layout" : "loss map depends on layout", at);
+            if (c.ordinary && !isfinite(a)) fail(s == SG ? "non-finite gradient" : "non-finite loss map", at);
         } while (step(idx, c.op[s].dims, c.op[s].ndim));
     }
     if (c.ordinary && c.kind == SIGMOID && c.p.from_logits && !c.p.divergence && c.p.eps == 0

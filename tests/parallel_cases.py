@@ -21,6 +21,8 @@ import fastsce
 THREADS = 8
 CALLS_PER_THREAD = 40
 CHILD_TIMEOUT = 60   # seconds: a hung child fails the scenario instead of CI
+BACKENDS = ("c", "numba")
+LOSSES = ("sigmoid", "softmax")
 
 
 def _inputs(loss, dtype, seed):
@@ -45,7 +47,7 @@ def compute(loss, backend, dtype, num_threads, reduction="mean", seed=0):
 def threads():
     """THREADS Python threads, each making many calls of every kind at once."""
     cases = [(loss, backend, dtype, nt, reduction)
-             for loss in ("sigmoid", "softmax") for backend in ("numba", "c")
+             for loss in LOSSES for backend in BACKENDS
              for dtype in ("float32", "float64") for nt in (1, 2, 3)
              for reduction in (("mean", "none") if nt == 2 else ("mean",))]
     serial = [compute(*case) for case in cases]
@@ -64,19 +66,20 @@ def threads():
             "layer": fastsce.info()["numba_threading_layer"]}, not wrong
 
 
-def _child(results, backend):
+def _child(results):
+    # Both backends, whichever ran in the parent: C's OpenMP pool poisons
+    # Numba's omp layer in the child too (one libgomp), and the reverse.
     info = fastsce.info()
-    results.put({"sigmoid": compute("sigmoid", backend, "float32", 2),
-               "softmax": compute("softmax", backend, "float32", 2),
-               "forked_after_openmp": info["forked_after_openmp"],
-               "num_threads": info["num_threads"]})
+    got = {(b, loss): compute(loss, b, "float32", 2) for b in BACKENDS for loss in LOSSES}
+    results.put({**got, "forked_after_openmp": info["forked_after_openmp"],
+                 "num_threads": info["num_threads"]})
 
 
-def _in_child(method, backend):
+def _in_child(method):
     """What a child started by `method` computes, or None if it hung or died."""
     ctx = multiprocessing.get_context(method)
     results = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(results, backend))
+    proc = ctx.Process(target=_child, args=(results,))
     proc.start()
     try:
         got = results.get(timeout=CHILD_TIMEOUT)
@@ -90,15 +93,18 @@ def _in_child(method, backend):
 
 
 def fork(backend):
-    """Children by fork before and after a parallel call, by spawn and forkserver."""
-    results = {"fork before any call": _in_child("fork", backend)}
-    expected = {loss: compute(loss, backend, "float32", 2) for loss in ("sigmoid", "softmax")}
+    """Children by fork before and after a 2-thread call of `backend`, by
+    spawn and by forkserver; the other backend runs in the parent last."""
+    results = {"fork before any call": _in_child("fork")}
+    expected = {(backend, loss): compute(loss, backend, "float32", 2) for loss in LOSSES}
     for method in ("fork", "spawn", "forkserver"):
-        results[method] = _in_child(method, backend)
+        results[method] = _in_child(method)
     info = fastsce.info()
     # The C kernels' OpenMP pool, or Numba's omp layer, ran in this process:
     # a fork now leaves a child that must run on one thread.
     openmp_ran = info["openmp"] if backend == "c" else info["numba_threading_layer"] == "omp"
+    expected.update({(b, loss): compute(loss, b, "float32", 2)
+                     for b in BACKENDS if b != backend for loss in LOSSES})
     summary, ok = {"layer": info["numba_threading_layer"]}, True
     for name, got in results.items():
         after_openmp = name == "fork" and openmp_ran
@@ -106,7 +112,7 @@ def fork(backend):
                 and got["forked_after_openmp"] == after_openmp
                 and got["num_threads"] == (1 if after_openmp else info["num_threads"]))
         summary[name] = "ok" if good else "hung or died" if got is None else {
-            k: got[k] == expected[k] if k in expected else got[k] for k in got}
+            str(k): got[k] == expected[k] if k in expected else got[k] for k in got}
         ok = ok and good
     return summary, ok
 
