@@ -455,14 +455,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (pi[k * nb + b] != pi[(k + 3) * nb + b]) fail("count partials depend on layout", b);
         if (c.ordinary && c.kind != COUNT && !isfinite(pl[b])) fail("non-finite loss", b);
     }
+    static const char *const differs[] = {"gradient depends on layout",
+                                          "loss map depends on layout"};
+    static const char *const not_finite[] = {"non-finite gradient", "non-finite loss map"};
     for (int s = SG; s <= SL; s++) {               /* outputs: every element */
         if (!c.op[s].present) continue;
         int64_t idx[MAXD] = {0};
         do {
             double a = load(&c.op[s], idx), d = load(&dense[s], idx);
             int64_t at = offset(&dense[s], idx);
-            if (!same(a, d)) fail(s == SG ? "gradient depends on layout" : "loss map depends on layout", at);
-            if (c.ordinary && !isfinite(a)) fail(s == SG ? "non-finite gradient" : "non-finite loss map", at);
+            if (!same(a, d)) fail(differs[s - SG], at);
+            if (c.ordinary && !isfinite(a)) fail(not_finite[s - SG], at);
         } while (step(idx, c.op[s].dims, c.op[s].ndim));
     }
     if (c.ordinary && c.kind == SIGMOID && c.p.from_logits && !c.p.divergence && c.p.eps == 0
