@@ -45,7 +45,9 @@ def policy():
     name = layer()
     if forked_after_openmp() and name not in FORK_SAFE:
         return "serial kernels: this process was forked after OpenMP ran"
-    if name in (None, "workqueue"):
+    if name is None:
+        return "no launch yet: the first takes a lock while Numba picks the layer"
+    if name == "workqueue":
         return "launches serialized by a lock (workqueue is not thread-safe)"
     return "parallel launches from any thread"
 
