@@ -380,7 +380,7 @@ static void build(input *in, call *c)
     c->n_blocks = c->n_groups * ((c->group_size + FASTSCE_BLOCK - 1) / FASTSCE_BLOCK);
 
     uint8_t o = byte(in);
-    c->p.from_logits = c->kind == SOFTMAX || (o & 1);
+    c->p.from_logits = o & 1;
     c->p.divergence = (o >> 1) & 1;
     c->p.eps = (o >> 2 & 3) == 3 ? byte(in) / 255.0 : (o >> 2 & 3) * 0.25;
     c->p.scale = c->ttype == U8 ? (o & 32 ? 255 : 100)
