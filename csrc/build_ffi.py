@@ -6,6 +6,8 @@ FASTSCE_OPENMP=1 makes its absence an error, 0 builds serial kernels. The
 outcome is compiled into the library (FASTSCE_HAVE_OPENMP) for info().
 Flags: -O3 without -ffast-math (it breaks NaN/inf and the polynomials'
 rounding, PERF_NOTES), -ffp-contract=off so results match the Numba backend.
+FASTSCE_SANITIZE=1 adds AddressSanitizer and UndefinedBehaviorSanitizer
+(.ci/sanitize builds a copy of the tree so, never the installed library).
 """
 import os
 import pathlib
@@ -20,6 +22,13 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-std=c99"]
+# Any undefined behavior (and a float to integer conversion out of range)
+# aborts at once; -fno-wrapv undoes Python's -fwrapv, which would hide signed
+# overflow; frame pointers and -g for readable stacks; one copy of the loops,
+# for this CPU (the copy its clones would pick), builds in half the time.
+SANITIZE = ["-fsanitize=address,undefined,float-cast-overflow",
+            "-fno-sanitize-recover=undefined,float-cast-overflow", "-fno-wrapv",
+            "-fno-omit-frame-pointer", "-g", "-DFASTSCE_NO_CLONES", "-march=native"]
 
 
 def _cdef_source():
@@ -71,7 +80,8 @@ def _compiles_plain(flags):
 
 
 compile_omp, link_omp = openmp_flags()
-flags = BASE_FLAGS + compile_omp
+sanitize = SANITIZE if os.environ.get("FASTSCE_SANITIZE", "0").strip() == "1" else []
+flags = BASE_FLAGS + compile_omp + sanitize
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_source())
 ffibuilder.set_source(
@@ -81,7 +91,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(HERE / name) for name in ("sigmoid_ce.c", "softmax_ce.c")],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=flags + [f'-DFASTSCE_BUILD_FLAGS_STR="{" ".join(flags)}"'],
-    extra_link_args=link_omp,
+    extra_link_args=link_omp + sanitize[:1],
 )
 
 if __name__ == "__main__":

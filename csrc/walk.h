@@ -58,13 +58,22 @@ static inline int64_t block_range(int64_t b, int64_t group_size, int64_t *start,
 /* Run block(ctx, b, scratch) for every block, threads taking whole blocks in a
  * static schedule; each thread gets its own scratch from alloc(ctx) (freed
  * with free). No float reduction crosses threads: every block writes its own
- * partials. Returns FASTSCE_ENOMEM if a thread's scratch could not be had. */
+ * partials. Returns FASTSCE_ENOMEM if a thread's scratch could not be had.
+ * One thread never enters the OpenMP runtime: GNU libgomp hangs in a child
+ * forked after its pool started, and such a child calls with one thread
+ * (fastsce/_threads.py). */
 static inline int parallel_blocks(int64_t n_blocks, int num_threads, const void *ctx,
                                   void *(*alloc)(const void *),
                                   void (*block)(const void *, int64_t, void *))
 {
     int failed = 0;
-    (void)num_threads;
+    if (num_threads <= 1) {
+        void *scratch = alloc(ctx);
+        if (!scratch) return FASTSCE_ENOMEM;
+        for (int64_t b = 0; b < n_blocks; b++) block(ctx, b, scratch);
+        free(scratch);
+        return 0;
+    }
 #ifdef _OPENMP
 #pragma omp parallel num_threads(num_threads) reduction(|:failed)
 #endif

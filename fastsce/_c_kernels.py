@@ -10,6 +10,7 @@ from . import _cffi_kernels
 from ._layout import BLOCK, HALF, SLOTS, SWAPPED, kernel_dtype, make_plan, softmax_tile
 from ._memory import check_softmax_scratch, size_text, softmax_scratch_bytes
 from ._partials import from_blocks
+from ._threads import mark_openmp_used
 
 ffi, lib = _cffi_kernels.ffi, _cffi_kernels.lib
 
@@ -49,6 +50,8 @@ def _params(call, plan):
     p.from_logits = call.from_logits
     p.divergence = call.divergence
     p.num_threads = call.threads
+    if call.threads > 1 and lib.FASTSCE_HAVE_OPENMP:  # one thread stays out of OpenMP
+        mark_openmp_used()
     return p
 
 

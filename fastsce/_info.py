@@ -11,7 +11,11 @@ def info():
         ``backends``: name -> {"available", "reason", "features"};
         ``default_backend``: what "auto" resolves to; ``num_threads``: the
         default thread count; ``openmp``: whether the C kernels were built
-        with OpenMP; ``numba_threading_layer``; ``vectorized_math``.
+        with OpenMP; ``numba_threading_layer`` (the layer started, or the one
+        asked for before the first launch) and ``numba_threading_policy`` (what
+        fastsce does about it, README "Threads, processes and fork");
+        ``forked_after_openmp``: this process was forked after OpenMP ran, so
+        kernels run on one thread; ``vectorized_math``.
     """
     backends = {}
     for name, record in _backends.BACKENDS.items():
@@ -30,6 +34,8 @@ def info():
         "num_threads": _threads.resolve_threads(None),
         "openmp": bool(c.get("openmp", False)),
         "numba_threading_layer": nb.get("threading_layer"),
+        "numba_threading_policy": nb.get("threading_policy"),
+        "forked_after_openmp": _threads.forked_after_openmp(),
         "vectorized_math": {
             "c": c.get("vectorized_math"),
             "numba": nb.get("vectorized_math"),

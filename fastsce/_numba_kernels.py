@@ -35,6 +35,7 @@ from ._numba_math import jit
 from ._layout import BLOCK, kernel_dtype, make_plan
 from ._memory import check_softmax_scratch
 from ._numba_convert import HALF_BITS, convert
+from ._numba_threading import launch, layer, policy
 from ._partials import from_blocks
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
@@ -362,28 +363,14 @@ def _launch(run, call, x, g, l):
     if nb:
         f = plan.flats
         ignore = None if call.ignore_value is None else call.z.dtype.type(call.ignore_value)
-        with _threads(call.threads):
-            run(plan.shape, plan.group_size, f["x"], f["z"], f["w"],
-                None if f["m"] is None else f["m"], f["pw"], f["g"], f["l"],
-                plan.offsets, plan.strides, plan.codes, float(call.scale),
-                float(call.label_smoothing), ignore,
-                np.ones(plan.n_groups) if call.gscale is None else call.gscale,
-                part_loss, part_count, part_bad, part_first)
+        with launch(run, call.threads) as kernel:
+            kernel(plan.shape, plan.group_size, f["x"], f["z"], f["w"],
+                   None if f["m"] is None else f["m"], f["pw"], f["g"], f["l"],
+                   plan.offsets, plan.strides, plan.codes, float(call.scale),
+                   float(call.label_smoothing), ignore,
+                   np.ones(plan.n_groups) if call.gscale is None else call.gscale,
+                   part_loss, part_count, part_bad, part_first)
     return from_blocks(part_loss, part_count, part_bad, part_first, plan.n_groups)
-
-
-class _threads:
-    """Set Numba's (thread-local) thread count for one call, then restore it."""
-
-    def __init__(self, n):
-        self.n = min(n, numba.config.NUMBA_NUM_THREADS)
-
-    def __enter__(self):
-        self.saved = numba.get_num_threads()
-        numba.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        numba.set_num_threads(self.saved)
 
 
 def binary(call):
@@ -398,13 +385,11 @@ def count_valid(call):
 
 
 def features():
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run yet
-        layer = numba.config.THREADING_LAYER
     return {
         "version": numba.__version__,
-        "threading_layer": layer,
+        # before the first launch: what was asked for ("default": tbb, omp, workqueue)
+        "threading_layer": layer() or numba.config.THREADING_LAYER,
+        "threading_policy": policy(),
         "max_threads": numba.config.NUMBA_NUM_THREADS,
         "vectorized_math": "inlined polynomial exp/log (Numba has no SVML here)",
     }
@@ -428,9 +413,9 @@ def softmax(call):
         f = plan.flats
         run = softmax_driver(call.from_logits, call.divergence, call.hard,
                              kernel_dtype(call.x.dtype).type)
-        with _threads(call.threads):
-            run(plan.shape, plan.group_size, C, softmax_tile(C), f["x"], f["z"], f["w"], f["m"],
-                f["g"], f["l"], plan.offsets, plan.strides, plan.codes, plan.class_strides, call.cw,
-                float(call.scale), float(call.label_smoothing), call.ignore_value,
-                call.gscale, *parts)
+        with launch(run, call.threads) as kernel:
+            kernel(plan.shape, plan.group_size, C, softmax_tile(C), f["x"], f["z"], f["w"],
+                   f["m"], f["g"], f["l"], plan.offsets, plan.strides, plan.codes,
+                   plan.class_strides, call.cw, float(call.scale), float(call.label_smoothing),
+                   call.ignore_value, call.gscale, *parts)
     return from_blocks(*parts, plan.n_groups)
