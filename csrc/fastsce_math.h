@@ -41,7 +41,10 @@ MATH_INLINE float times_pow2_f32(float p, int32_t ki)
 {
     int32_t k1 = ki >> 1;
     int32_t k2 = ki - k1;
-    return p * bits_f32((k1 + 127) << 23) * bits_f32((k2 + 127) << 23);
+    /* unsigned shifts: k from a NaN's bits is garbage, and a signed shift of a
+     * negative value would be undefined (the product is NaN either way) */
+    return p * bits_f32((int32_t)((uint32_t)(k1 + 127) << 23))
+             * bits_f32((int32_t)((uint32_t)(k2 + 127) << 23));
 }
 
 /* exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding: a
@@ -127,7 +130,8 @@ MATH_INLINE double times_pow2_f64(double p, int64_t ki)
 {
     int64_t k1 = ki >> 1;
     int64_t k2 = ki - k1;
-    return p * bits_f64((k1 + 1023) << 52) * bits_f64((k2 + 1023) << 52);
+    return p * bits_f64((int64_t)((uint64_t)(k1 + 1023) << 52))
+             * bits_f64((int64_t)((uint64_t)(k2 + 1023) << 52));
 }
 
 MATH_INLINE double exp_neg_scaled_f64(double x, int64_t shift)
