@@ -24,6 +24,11 @@ from ._errors import FastSCEValueError
 #: by this number and the group size alone, never by the thread count.
 BLOCK = 16384
 
+#: Softmax gather buffers hold a tile's classes BUF_PAD elements more than a tile
+#: apart (C: BUF_STRIDE), so a pixel's classes do not share one cache set.
+BUF_PAD = 16
+
+
 def softmax_tile(classes):
     """Pixels per softmax tile: a [classes][tile] working set stays in L2.
 

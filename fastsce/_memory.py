@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ._layout import BLOCK, SLOTS, compact, softmax_tile
+from ._layout import BLOCK, BUF_PAD, SLOTS, compact, softmax_tile
 
 #: Softmax scratch below this many bytes (all threads) is not probed: a
 #: malloc that small fails only in a process that is already out of memory.
@@ -21,7 +21,7 @@ PROBE_FROM = 1 << 26
 #: bytes; Numba: 2 x CHUNK 64 x 8 bytes); per pixel of a tile, len(SLOTS) + 4
 #: rows of 8 bytes; and a BLOCK of float64 losses plus small fixed arrays.
 #: tests/test_memory.py checks the constants against both kernels'.
-GATHER_BUFFERS, BUF_PAD, CHUNK_BYTES, FIXED_BYTES = 3, 16, 2 * 64 * 8, BLOCK * 8 + 8192
+GATHER_BUFFERS, CHUNK_BYTES, FIXED_BYTES = 3, 2 * 64 * 8, BLOCK * 8 + 8192
 
 
 def human(nbytes):

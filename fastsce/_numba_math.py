@@ -41,13 +41,19 @@ def jit(key="", **options):
     return wrap
 
 
+#: Modules whose constants the kernels freeze at compile time (BLOCK, SWAPPED,
+#: BUF_PAD; DENOM_FLOOR, LOG_CLAMP), besides the Numba sources themselves.
+_FROZEN_FROM = ("_layout.py", "_reference.py")
+
+
 def _source_digest():
-    """Hash of every Numba source of the package. Numba revalidates a cached
-    kernel against its own file only; a kernel inlines helpers from the
-    others, so an edit (or upgrade) of a helper must change every id."""
+    """Hash of every source a kernel is compiled from. Numba revalidates a
+    cached kernel against its own file only; a kernel inlines helpers from the
+    other Numba modules and freezes constants of _FROZEN_FROM, so an edit (or
+    upgrade) of any of them must change every id."""
     here = pathlib.Path(__file__).parent
     h = hashlib.sha256()
-    for path in sorted(here.glob("_numba_*.py")):
+    for path in sorted(here.glob("_numba_*.py")) + [here / n for n in _FROZEN_FROM]:
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
 

@@ -31,6 +31,7 @@ from numba import prange
 
 from . import _numba_math as M
 from ._numba_math import jit
+from ._layout import BUF_PAD
 from ._numba_convert import convert
 from ._numba_kernels import (_ACC, _EXACT, _EXP_SCALED, _MATH, _OPTS, _absent, _by_type, _out,
                               _scatter, _scratch, _view, block_range, row_offsets)
@@ -41,11 +42,6 @@ _TWO_M64 = 2.0 ** -64
 #: registers; here they live in small arrays, and longer chunks amortize the
 #: loop set-up. Nothing computed depends on it.
 CHUNK = 64
-
-
-#: Gather buffers hold a tile's classes BUF_PAD elements more than a tile
-#: apart (C: BUF_STRIDE), so a pixel's classes do not share one cache set.
-BUF_PAD = 16
 
 
 @jit("log1p_pos", **_EXACT)

@@ -1,8 +1,9 @@
 """Numba's disk cache must not serve a kernel built from older helper code.
 
 Numba revalidates a cached kernel against the file that defines it only,
-while our kernels inline helpers from the other `_numba_*.py` files; every
-dispatcher id carries a digest of all of them (fastsce/_numba_math.py)."""
+while our kernels inline helpers from the other `_numba_*.py` files and freeze
+constants of `_layout.py` and `_reference.py`; every dispatcher id carries a
+digest of all of them (fastsce/_numba_math.py)."""
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def _ids(pkg_parent):
     return out
 
 
-@pytest.mark.parametrize("edited", ["_numba_math.py", "_numba_softmax.py"])
+@pytest.mark.parametrize("edited", ["_numba_math.py", "_numba_softmax.py", "_layout.py",
+                                    "_reference.py"])
 def test_helper_edit_changes_every_id(tmp_path, edited):
     src = Path(fastsce.__file__).parent
     pkg = tmp_path / "fastsce"
