@@ -82,21 +82,21 @@ ALWAYS_INLINE X neg_entropy_##XN(X z, X zc)                                     
     X lzc = small ? log1p_unit_##XN(-z, &iu) : log_##XN(zc);                           \
     return (z > (X)0 ? z * lz : (X)0) + (zc > (X)0 ? zc * lzc : (X)0);                 \
 }                                                                                      \
-ALWAYS_INLINE X element_##XN(X x, X tf, X sc, X inv, X keep, X shift, X a, X w, X gs,   \
+ALWAYS_INLINE X element_##XN(X x, X tf, X sc, X zs, X shift, X a, X w, X gs,            \
                              int from_logits, int divergence, X *grad)                 \
 {                                                                                      \
-    X z = tf * inv * keep + shift;                                                     \
-    X zc = (sc - tf) * inv * keep + shift;                                             \
+    X z = fma_##XN(tf, zs, shift);                                                     \
+    X zc = fma_##XN(sc - tf, zs, shift);                                               \
     X az = a * z, loss, dloss;                                                         \
     if (from_logits) {                                                                 \
-        X ax = x < (X)0 ? -x : x;                                                      \
+        X ax = abs_##XN(x);                                                            \
         X e = exp_neg_##XN(-ax), iu;                                                   \
-        X lp = log1p_unit_##XN(e, &iu);                                                \
+        X lp = log1p_01_##XN(e, &iu);                                                  \
         int pos = x >= (X)0;                                                           \
         X coef = pos ? zc : az;                                                        \
         X lin = coef == (X)0 ? (X)0 : coef * ax;   /* 0 * inf is 0 here (SPEC §2) */   \
-        loss = lp * (az + zc) + lin;                                                   \
-        dloss = (pos ? (zc - az * e) : (zc * e - az)) * iu;                            \
+        loss = fma_##XN(lp, az + zc, lin);                                             \
+        dloss = (pos ? fma_##XN(-az, e, zc) : fma_##XN(zc, e, -az)) * iu;              \
     } else {                                                                           \
         X lc = log_##XN(x);                                                            \
         lc = lc < (X)-100 ? (X)-100 : lc;                                              \
@@ -135,7 +135,8 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
     const uint8_t *m = s->m;                                                           \
     X *g = (X *)s->g, *l = (X *)s->l;                                                  \
     const fastsce_params *p = s->p;                                             \
-    const X sc = (X)p->scale, inv = (X)(1.0 / p->scale), keep = (X)(1.0 - p->eps);     \
+    /* z = tf * zs + shift: the target scaled to [0, 1] and smoothed, one fma */        \
+    const X sc = (X)p->scale, zs = (X)((1.0 - p->eps) / p->scale);                     \
     const X shift = (X)(p->eps * 0.5), gs = (X)s->gs;                                  \
     /* from_int: targets converted from integer codes, ignore compared as X  */        \
     const int has_ignore = (IS_INT(T) || from_int) && p->has_ignore;                   \
@@ -150,7 +151,7 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
         valid = valid && !(has_ignore && tf == ignore);                                \
         bad += valid && !(tf >= (X)0 && tf <= sc);                                     \
         X dl;                                                                          \
-        X loss = element_##XN(x[i], tf, sc, inv, keep, shift, extras ? pw[i] : (X)1,   \
+        X loss = element_##XN(x[i], tf, sc, zs, shift, extras ? pw[i] : (X)1,   \
                               extras ? w[i] : (X)1, gs, from_logits, divergence, &dl); \
         loss = valid ? loss : (X)0;                                                    \
         total += (double)loss;                                                         \

@@ -47,8 +47,8 @@ _OPTS = dict(nogil=True, error_model="numpy")
 # `_sum64` reassociates, so that the float64 sum vectorizes too.
 _EXACT = dict(_OPTS, fastmath=False, inline="always")
 _MATH = {
-    np.float32: (M.exp_neg_f32, M.log1p_unit_f32, M.log_f32),
-    np.float64: (M.exp_neg_f64, M.log1p_unit_f64, M.log_f64),
+    np.float32: (M.exp_neg_f32, M.log1p_unit_f32, M.log_f32, M.log1p_01_f32),
+    np.float64: (M.exp_neg_f64, M.log1p_unit_f64, M.log_f64, M.log1p_01_f64),
 }
 _EXP_SCALED = {np.float32: (M.exp_neg_scaled_f32, np.int32),
                np.float64: (M.exp_neg_scaled_f64, np.int64)}
@@ -57,7 +57,8 @@ _EXP_SCALED = {np.float32: (M.exp_neg_scaled_f32, np.int32),
 @functools.lru_cache(maxsize=None)
 def _element(from_logits, divergence, ftype):
     """Per-element (loss, dloss) of SPEC §1.1, before weight and mask."""
-    exp_neg, log1p_unit, log = _MATH[ftype]
+    exp_neg, log1p_unit, log, log1p_01 = _MATH[ftype]
+    fma = M.fma
     F = ftype
     key = f"{from_logits}-{divergence}-{ftype.__name__}"
     zero, half, one = F(0.0), F(0.5), F(1.0)
@@ -72,21 +73,21 @@ def _element(from_logits, divergence, ftype):
         return (z * lz if z > zero else zero) + (zc * lzc if zc > zero else zero)
 
     @jit(key, **_EXACT)
-    def element(x, tf, sc, inv, keep, shift, a, w, gs):
+    def element(x, tf, sc, zs, shift, a, w, gs):
         """(w * loss, w * dloss * gs) for logit/probability x and raw target tf."""
-        z = tf * inv * keep + shift
-        zc = (sc - tf) * inv * keep + shift
+        z = fma(tf, zs, shift)
+        zc = fma(sc - tf, zs, shift)
         az = a * z
         if from_logits:
             ax = abs(x)
             e = exp_neg(-ax)
-            lp, inv = log1p_unit(e)
+            lp, inv = log1p_01(e)
             pos = x >= zero
             coef = zc if pos else az
             # coef*|x| is 0 when coef is, even for |x| = inf (SPEC §2).
             lin = zero if coef == zero else coef * ax
-            loss = lp * (az + zc) + lin
-            dloss = ((zc - az * e) if pos else (zc * e - az)) * inv
+            loss = fma(lp, az + zc, lin)
+            dloss = (fma(-az, e, zc) if pos else fma(zc, e, -az)) * inv
         else:
             lc = log(x)
             lc = clamp if lc < clamp else lc
@@ -116,8 +117,7 @@ def _segment(from_logits, divergence, ftype):
     def segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs, losses):
         # Per-call constants, rounded to the compute type once (as in C).
         sc = F(scale)
-        inv = F(1.0 / scale)
-        keep = F(1.0 - eps)
+        zs = F((1.0 - eps) / scale)     # z = tf * zs + shift, one fma
         shift = F(eps * 0.5)
         gsf = F(gs)
         count = 0
@@ -133,7 +133,7 @@ def _segment(from_logits, divergence, ftype):
             bad += valid and not (tf >= zero and tf <= sc)
             a = one if pw is None else pw[i]
             wi = one if w is None else w[i]
-            loss, dloss = element(x[i], tf, sc, inv, keep, shift, a, wi, gsf)
+            loss, dloss = element(x[i], tf, sc, zs, shift, a, wi, gsf)
             loss = loss if valid else zero
             losses[i] = loss
             count += valid

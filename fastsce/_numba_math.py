@@ -83,6 +83,22 @@ bits_f32 = _bitcast(types.int32, types.float32, ir.FloatType())
 f64_bits = _bitcast(types.float64, types.int64, ir.IntType(64))
 bits_f64 = _bitcast(types.int64, types.float64, ir.DoubleType())
 
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a*b + c with one rounding: llvm.fma, which LLVM vectorizes as vfmadd
+    (a libm call where the CPU has no FMA), as C's fmaf/fma in the twin."""
+    if not (a == b == c and isinstance(a, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return a(a, a, a), codegen
+
+
+fma._set_uuid(f"fastsce:{_SOURCE_DIGEST}:fma")  # stable, as `jit` (cache keys)
+
 # ---------------------------------------------------------------- float32
 
 F32 = np.float32
@@ -92,6 +108,10 @@ _E32_LN2LO = F32(-2.12194440e-4)
 _E32_P = tuple(F32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
                                  4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
 _L32_LG = tuple(F32(c) for c in (0.66666662693, 0.40000972152, 0.28498786688, 0.24279078841))
+_LP32_H = tuple(F32(c) for c in (-3.781395853e-01, 1.792249382e-01, -9.322970361e-02,
+                                  5.108278990e-02, -2.896415815e-02, 1.680524088e-02,
+                                  -9.680889547e-03, 5.768417381e-03, -4.578823689e-03,
+                                  2.836052561e-03))
 _L32_LN2HI = F32(6.9313812256e-01)
 _L32_LN2LO = F32(9.0580006145e-06)
 _SQRT2_32 = F32(1.41421356237)
@@ -104,8 +124,8 @@ _RINT32_BITS = np.int32(0x4B400000)        # its bits: k is the difference of th
 def exp_poly_f32(r):
     """exp(r) for the reduced argument r, |r| <= ln(2)/2 (Cephes expf's fit)."""
     p0, p1, p2, p3, p4, p5 = _E32_P
-    r2 = r * r
-    return (((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5) * r2 + r + F32(1.0)
+    p = fma(fma(fma(fma(fma(p0, r, p1), r, p2), r, p3), r, p4), r, p5)
+    return fma(p, r * r, r) + F32(1.0)
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
@@ -121,9 +141,9 @@ def exp_neg_scaled_f32(x, shift):
     """exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding:
     a shift keeps a result that would be subnormal at full precision."""
     x = F32(-150.0) if x < F32(-150.0) else x   # exp(-150) * 2^64 rounds to 0; NaN stays
-    k = (x * _E32_LOG2E + _RINT32) - _RINT32     # round to nearest, no libm call
+    k = fma(x, _E32_LOG2E, _RINT32) - _RINT32    # round to nearest, no libm call
     k = k if k == k else F32(0.0)                # keep the int conversion defined
-    r = (x - k * _E32_LN2HI) - k * _E32_LN2LO
+    r = fma(k, -_E32_LN2LO, fma(k, -_E32_LN2HI, x))
     return times_pow2_f32(exp_poly_f32(r), np.int32(np.int32(k) + shift))
 
 
@@ -133,9 +153,9 @@ def exp_neg_f32(x):
     of exp_neg_scaled_f32(x, 0), with k read from the bits of the rounding
     sum instead of converted (no NaN guard; why: csrc/fastsce_math.h)."""
     x = F32(-150.0) if x < F32(-150.0) else x
-    kb = x * _E32_LOG2E + _RINT32
+    kb = fma(x, _E32_LOG2E, _RINT32)
     k = kb - _RINT32
-    r = (x - k * _E32_LN2HI) - k * _E32_LN2LO
+    r = fma(k, -_E32_LN2LO, fma(k, -_E32_LN2HI, x))
     return times_pow2_f32(exp_poly_f32(r), np.int32(f32_bits(kb) - _RINT32_BITS))
 
 
@@ -162,6 +182,18 @@ def log1p_unit_f32(e):
     inv = F32(1.0) / u
     # u = 1 + e rounded; (e - (u - 1)) / u restores what the rounding lost.
     return log_reduced_f32(f, k) + (e - (u - F32(1.0))) * inv, inv
+
+
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
+def log1p_01_f32(e):
+    """(log1p(e), 1/(1+e)) for e in [0, 1] (and NaN): e + e^2 h(e), h a
+    degree-9 fit of (log1p(e) - e) / e^2 in e - 1/2 (why and how accurate:
+    csrc/fastsce_math.h)."""
+    h0, h1, h2, h3, h4, h5, h6, h7, h8, h9 = _LP32_H
+    t = e - F32(0.5)
+    h = fma(fma(fma(fma(fma(fma(fma(fma(fma(h9, t, h8), t, h7), t, h6), t, h5), t, h4), t, h3),
+                    t, h2), t, h1), t, h0)
+    return fma(e * e, h, e), F32(1.0) / (F32(1.0) + e)
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
@@ -255,6 +287,13 @@ def log1p_unit_f64(e):
     k = 1.0 if big else (-1.0 if small else 0.0)
     inv = 1.0 / u
     return log_reduced_f64(f, k) + (e - (u - 1.0)) * inv, inv
+
+
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
+def log1p_01_f64(e):
+    """(log1p(e), 1/(1+e)) for e in [0, 1] (and NaN): the reduced log (a
+    polynomial in e alone would need degree ~21 for float64)."""
+    return log1p_unit_f64(e)
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
