@@ -120,8 +120,10 @@ def _segment(from_logits, divergence, ftype):
         zs = F((1.0 - eps) / scale)     # z = tf * zs + shift, one fma
         shift = F(eps * 0.5)
         gsf = F(gs)
-        count = 0
-        bad = 0
+        # 32-bit counters (n <= BLOCK): 64-bit ones make LLVM vectorize the
+        # loop 8 floats wide instead of 16 (half speed with AVX-512).
+        count = np.int32(0)
+        bad = np.int32(0)
         for i in range(n):
             ti = t[i]
             valid = True
@@ -130,13 +132,13 @@ def _segment(from_logits, divergence, ftype):
             if ignore is not None:
                 valid = valid and ti != ignore
             tf = F(ti)
-            bad += valid and not (tf >= zero and tf <= sc)
+            bad = np.int32(bad + (valid and not (tf >= zero and tf <= sc)))
             a = one if pw is None else pw[i]
             wi = one if w is None else w[i]
             loss, dloss = element(x[i], tf, sc, zs, shift, a, wi, gsf)
             loss = loss if valid else zero
             losses[i] = loss
-            count += valid
+            count = np.int32(count + valid)
             if g is not None:
                 g[i] = dloss if valid else zero
             if l is not None:
