@@ -47,7 +47,7 @@ def demo(args):
     state = info()
     print(f"\nthreads: {state['num_threads']}, OpenMP in C: {state['openmp']}, "
           f"C path: {state['backends']['c']['features'].get('cpu_path')}, "
-          f"auto backend: {state['auto_resolves_to']}")
+          "auto backend: " + ", ".join(f"{k} {v}" for k, v in state["auto_resolves_to"].items()))
     return 0
 
 

@@ -340,8 +340,8 @@ def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
     (or, for a `chunk` of an Accumulator's map, its partials added to the map's).
     `guard_out=False` (see `into_new_buffer`) skips the pre-pass that keeps a
     caller's `out`/`loss_out` untouched when a target is bad."""
-    impl, threads, want_grad, x, compute = _start(reduction, backend, num_threads, grad,
-                                                  logits)
+    impl, threads, want_grad, x, compute = _start("sigmoid", reduction, backend, num_threads,
+                                                  grad, logits)
     shape = x.shape
     chunk = chunk or _whole(shape, reduce_axes, tile_shape, reduction)
     z = _targets(targets, shape)
@@ -387,11 +387,11 @@ def _whole(shape, reduce_axes, tile_shape, reduction):
     return Chunk(grouping, None, GroupSums(math.prod(grouping.result_shape)))
 
 
-def _start(reduction, backend, num_threads, grad, logits):
+def _start(kind, reduction, backend, num_threads, grad, logits):
     """What every loss validates first: reduction, backend, threads, logits."""
     if reduction not in _REDUCTIONS:
         raise FastSCEValueError(f"`reduction` must be one of {_REDUCTIONS}; got {shown(reduction)}")
-    impl = _backends.resolve(backend)
+    impl = _backends.resolve(backend, kind)
     threads = resolve_threads(num_threads)
     return (impl, threads, _flag("grad", grad)) + _logits(logits)
 
@@ -547,7 +547,7 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
     # buffer of float16 results, reaches the caller only after success.)
     writes_given = (out is not None and call.grad is out) or \
         (loss_out is not None and call.loss_map is loss_out)
-    guards = call.check and writes_given and (guard_out or in_place)
+    guards = call.check and writes_given and (guard_out or in_place) and _may_be_bad(call)
     counts = grouping.sizes() if chunk.counts is None else chunk.counts
     if needs_counts or guards:
         pre = Chunk(grouping, chunk.origin, GroupSums(math.prod(grouping.result_shape)))
@@ -563,6 +563,16 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
         return LossResult(_deliver(call.loss_map, loss_out, out_dtype), gradient), None
     loss, count = reduced(chunk, reduction)
     return LossResult(loss, gradient), count
+
+
+def _may_be_bad(call):
+    """Whether a target of `call` can lie outside its range: not for soft targets
+    of an unsigned dtype whose every code is within [0, target_scale] (uint8 at
+    the default scale 255), so their out-guarding pre-pass would find nothing."""
+    z = call.z
+    if getattr(call, "hard", False) or z.dtype.kind != "u":
+        return True
+    return call.scale < np.iinfo(z.dtype).max
 
 
 def reduced(chunk, reduction):
@@ -679,8 +689,8 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
              tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads,
              chunk=None, guard_out=True):
     """The work of the public function (see _sigmoid)."""
-    impl, threads, want_grad, x, compute = _start(reduction, backend, num_threads, grad,
-                                                  logits)
+    impl, threads, want_grad, x, compute = _start("softmax", reduction, backend, num_threads,
+                                                  grad, logits)
     axis = class_axis(axis, x.shape)
     C = x.shape[axis]
     if C == 0:

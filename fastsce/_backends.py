@@ -13,8 +13,11 @@ import warnings
 from ._errors import BackendUnavailableError, FastSCETypeError, FastSCEValueError, shown
 
 NAMES = ("numba", "c", "numpy")
-#: "auto" takes the first available of these (see README, "Choosing a backend").
-AUTO_ORDER = ("c", "numba", "numpy")
+#: "auto" takes the first available backend of its call kind's order: the faster
+#: one first, as measured by `fastsce bench` (README, "Choosing a backend").
+#: Numba's AVX-512 binary loop beats GCC's (W1/W2 at 1 thread: 1.3-1.5x); C's
+#: softmax beats Numba's (W3/W4: 1.1-1.25x).
+AUTO_ORDER = {"sigmoid": ("numba", "c", "numpy"), "softmax": ("c", "numba", "numpy")}
 
 
 class Backend:
@@ -96,8 +99,9 @@ def default_name():
     return _current.get() or _ENV_DEFAULT
 
 
-def resolve(name):
-    """The backend module for a `backend=` argument (None: the default)."""
+def resolve(name, kind):
+    """The backend module for a `backend=` argument (None: the default) of a
+    `kind` ("sigmoid" or "softmax") call."""
     if name is None:
         name = default_name()
     else:
@@ -107,7 +111,7 @@ def resolve(name):
             )
         _check_name(name, "`backend`")
     if name == "auto":
-        for candidate in AUTO_ORDER:
+        for candidate in AUTO_ORDER[kind]:
             if BACKENDS[candidate].available:
                 return BACKENDS[candidate].load()
     record = BACKENDS[name]
@@ -120,8 +124,8 @@ def resolve(name):
     return record.load()
 
 
-def resolve_name(name):
-    """The name of the backend `resolve(name)` picks: fixed before work is sent to
-    other processes, where the `use_backend` context does not reach."""
-    impl = resolve(name)
+def resolve_name(name, kind):
+    """The name of the backend `resolve(name, kind)` picks: fixed before work is
+    sent to other processes, where the `use_backend` context does not reach."""
+    impl = resolve(name, kind)
     return next(n for n, record in BACKENDS.items() if record.load() is impl)

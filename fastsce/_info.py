@@ -9,7 +9,9 @@ def info():
     -------
     dict
         ``backends``: name -> {"available", "reason", "features"};
-        ``default_backend``: what "auto" resolves to; ``num_threads``: the
+        ``default_backend``: the default name (FASTSCE_BACKEND or "auto");
+        ``auto_resolves_to``: {"sigmoid": name, "softmax": name}, what "auto"
+        picks for each kind of call; ``num_threads``: the
         default thread count; ``openmp``: whether the C kernels were built
         with OpenMP; ``numba_threading_layer`` (the layer started, or the one
         asked for before the first launch) and ``numba_threading_policy`` (what
@@ -24,7 +26,8 @@ def info():
             "reason": record.reason,
             "features": record.features(),
         }
-    auto = next((n for n in _backends.AUTO_ORDER if backends[n]["available"]), None)
+    auto = {kind: next((n for n in order if backends[n]["available"]), None)
+            for kind, order in _backends.AUTO_ORDER.items()}
     c = backends["c"]["features"]
     nb = backends["numba"]["features"]
     return {

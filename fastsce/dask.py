@@ -184,7 +184,7 @@ def evaluate(logits, targets, *, loss="sigmoid", axis=1, tile_shape=None, mask=N
         targets=targets, mask=mask, weight=weight, pos_weight=pos_weight), rejoin_classes)
     options = dict(label_smoothing=label_smoothing, from_logits=from_logits,
                    target_scale=target_scale, ignore_value=ignore_value, check=check,
-                   backend=_backends.resolve_name(backend), num_threads=num_threads)
+                   backend=_backends.resolve_name(backend, loss), num_threads=num_threads)
     if class_weights is not None:
         class_weights = np.asarray(class_weights)
         options["class_weights"] = class_weights
@@ -205,7 +205,7 @@ def _loss(kind, logits, axis, given, options, grad, rejoin_classes):
     x, class_axis, ops, arrays = _inputs(kind, logits, axis, given, rejoin_classes)
     if class_axis is not None:
         options["axis"] = class_axis
-    options["backend"] = _backends.resolve_name(options["backend"])
+    options["backend"] = _backends.resolve_name(options["backend"], kind)
     plan = _Plan(kind, ops, options, _pixels(x.shape, class_axis))
     # The NumPy function on stand-ins checks every argument, with its messages,
     # and gives the dtypes of the gradient and the loss map.
