@@ -125,8 +125,8 @@ def _tile(from_logits, divergence, hard, ftype):
         keep = F(1.0 - eps)
         shift = F(eps / C)
         fgs = F(gs)
-        count = 0
-        bad = 0
+        count = np.int32(0)          # 32-bit: 64-bit counters halve LLVM's vector width
+        bad = np.int32(0)
         for q0 in range(0, n, CHUNK):
             np_ = min(CHUNK, n - q0)
             for j in range(np_):
@@ -169,10 +169,10 @@ def _tile(from_logits, divergence, hard, ftype):
             for j in range(np_):                   # (3) pixel losses
                 v = ok[j] != zero
                 if hard:
-                    bad += v and not (zp[j] >= 0 and zp[j] < C)
+                    bad = np.int32(bad + (v and not (zp[j] >= 0 and zp[j] < C)))
                 else:
-                    bad += v and nb[j] != zero
-                count += v
+                    bad = np.int32(bad + (v and nb[j] != zero))
+                count = np.int32(count + v)
                 loss64 = A[j] + H[j] if divergence else A[j]
                 rr = s[j] + (np.float64(ties[j]) - 1.0)
                 if from_logits:
