@@ -26,6 +26,7 @@ import numpy as np
 from . import _heatmap, sigmoid_cross_entropy, softmax_cross_entropy
 from ._cli_io import (EXIT_INPUT, EXIT_MISMATCH, EXIT_OUTPUT, EXIT_TARGETS, UserError,
                       by_stem, need, open_image, pair_files)
+from ._backends import BACKENDS
 from ._errors import FastSCEError, TargetRangeError
 from ._evaluate import EvaluationStream, evaluate
 from ._layout import BLOCK
@@ -76,7 +77,10 @@ def add_parser(sub):
                         "cross-entropy (the table shows both)")
     p.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"),
                    help="also score tiles of H x W pixels (CSV/JSON rows, tile heatmaps)")
-    p.add_argument("--backend", choices=("auto", "c", "numba", "numpy"), default=None)
+    p.add_argument("--backend", choices=("auto", "c", "numba", "numpy"), default=None,
+                   help="default: FASTSCE_BACKEND if set, else c when it loads (a one-shot "
+                        "command: Numba's first compile in a fresh environment takes "
+                        "seconds), else auto")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all CPUs)")
     p.add_argument("--csv", metavar="FILE", help="write per-image (and per-tile) rows as CSV")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -91,6 +95,12 @@ def add_parser(sub):
     return p
 
 
+def default_backend():
+    """The backend without --backend: FASTSCE_BACKEND's (None), else C when it
+    loads: a one-shot command should not wait for Numba's first compile."""
+    return None if os.environ.get("FASTSCE_BACKEND") or not BACKENDS["c"].available else "c"
+
+
 def run(args, parser):
     """`fastsce evaluate`: the exit code; user errors print one line, no traceback."""
     if (args.pred is None) != (args.target is None):
@@ -99,6 +109,7 @@ def run(args, parser):
         parser.error("--divergence is not defined with --pos-weight; drop one")
     if args.classes_axis is not None and args.pos_weight is not None:
         parser.error("--pos-weight applies to binary masks; leave out --classes-axis")
+    args.backend = args.backend or default_backend()
     try:
         if args.pred is None:
             return _sample(args)
