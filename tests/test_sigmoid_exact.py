@@ -92,6 +92,21 @@ def test_logits_hard_cases(backend, dtype, opts):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_logits_dense_sweep(backend, dtype):
+    """|x| <= 18, where log1p(exp(-|x|)) is a polynomial in e = exp(-|x|) (float32:
+    fastsce_math.h's log1p_01_f32), densely, with e near its worst case (1.24 ulp
+    at e = 0x1.fa6adep-1 in the exhaustive check) among the points."""
+    worst = -np.log(float.fromhex("0x1.fa6adep-1"))
+    xs = np.concatenate([np.linspace(-18, 18, 1201), [worst, -worst]]).astype(dtype)
+    x, z = grid(xs, Z_VALUES, dtype)
+    res = fastsce.sigmoid_cross_entropy(x, z, reduction="none", backend=backend)
+    exacts = np.empty(x.shape, dtype=object)
+    for idx in np.ndindex(x.shape):
+        exacts[idx] = sigmoid_ce_exact(x[idx], z[idx])
+    assert_ulp(res.loss, res.grad, exacts, x, z, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_tiny_loss_is_not_flushed(backend, dtype):
     # PyTorch float32 returns 0 here; the exact loss is 1.93e-22 (SPEC §1.1).
     x = np.array([-50.0, -30.0, 17.0], dtype=dtype)
