@@ -393,7 +393,7 @@ def features():
         "threading_layer": layer() or numba.config.THREADING_LAYER,
         "threading_policy": policy(),
         "max_threads": numba.config.NUMBA_NUM_THREADS,
-        "vectorized_math": "inlined polynomial exp/log (Numba has no SVML here)",
+        "vectorized_math": "inlined polynomial exp/log with llvm.fma (Numba has no SVML here)",
     }
 
 
