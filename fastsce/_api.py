@@ -568,7 +568,8 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
 def _may_be_bad(call):
     """Whether a target of `call` can lie outside its range: not for soft targets
     of an unsigned dtype whose every code is within [0, target_scale] (uint8 at
-    the default scale 255), so their out-guarding pre-pass would find nothing."""
+    the default scale 255), so a pass that only looks for bad targets (the one
+    that guards `out`, the softmax pre-count's element check) would find none."""
     z = call.z
     if getattr(call, "hard", False) or z.dtype.kind != "u":
         return True
@@ -786,7 +787,7 @@ def _softmax_precount(impl, call):
     codes = np.broadcast_to(np.zeros((), np.uint8), call.shape)  # every pixel a valid code
     pixels = impl.count_valid(BinaryCall(shape=call.shape, z=codes, m=call.m, scale=1.0,
                                          ignore_value=None, **pixel_groups))
-    if not call.check:
+    if not call.check or not _may_be_bad(call):
         return pixels
     # Count bad elements in the targets' memory order (the call holds the class
     # axis last; walking NCHW that way strides across the map: 3x the fused pass).

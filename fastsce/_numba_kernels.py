@@ -23,6 +23,7 @@ Design
   vectorizes) and `nsz`; the math helpers carry none (see `_numba_math`).
 * Trust: `_api` has checked dtypes, shapes, aliasing and option ranges.
 """
+import collections
 import functools
 
 import numba
@@ -46,9 +47,10 @@ _OPTS = dict(nogil=True, error_model="numpy")
 # is inlined at IR level, so each loop is one function LLVM vectorizes. Only
 # `_sum64` reassociates, so that the float64 sum vectorizes too.
 _EXACT = dict(_OPTS, fastmath=False, inline="always")
+_Math = collections.namedtuple("_Math", "exp_neg log1p_unit log log1p_01")
 _MATH = {
-    np.float32: (M.exp_neg_f32, M.log1p_unit_f32, M.log_f32, M.log1p_01_f32),
-    np.float64: (M.exp_neg_f64, M.log1p_unit_f64, M.log_f64, M.log1p_01_f64),
+    np.float32: _Math(M.exp_neg_f32, M.log1p_unit_f32, M.log_f32, M.log1p_01_f32),
+    np.float64: _Math(M.exp_neg_f64, M.log1p_unit_f64, M.log_f64, M.log1p_01_f64),
 }
 _EXP_SCALED = {np.float32: (M.exp_neg_scaled_f32, np.int32),
                np.float64: (M.exp_neg_scaled_f64, np.int64)}

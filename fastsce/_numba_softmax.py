@@ -54,7 +54,7 @@ def _log1p_pos(r):
 @functools.lru_cache(maxsize=None)
 def _tile(from_logits, divergence, hard, ftype):
     """Loss and gradient of n pixels; x, z, g as (array, offset, class stride)."""
-    log = _MATH[ftype][2]
+    log = _MATH[ftype].log
     exp_scaled, I = _EXP_SCALED[ftype]
     F = ftype
     key = f"{from_logits}-{divergence}-{hard}-{ftype.__name__}"
