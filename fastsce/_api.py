@@ -297,9 +297,10 @@ def sigmoid_cross_entropy(
         Loss-map buffer for ``reduction="none"``.
     check : bool
         Count targets outside [0, 1] or NaN inside the fused pass and raise
-        ``ValueError`` with their number and first index. When the kernel would
-        write into ``out`` or ``loss_out``, the targets are first checked by a
-        read-only pass, so a failed call leaves those buffers untouched.
+        ``ValueError`` with their number and first index. A separate ``out`` or
+        ``loss_out`` that the pass had begun to write is then filled with NaN
+        (the message says so); an in-place ``out=logits`` is left untouched:
+        its targets are checked by a read-only pass first.
     backend : {"auto", "numba", "c", "numpy"}, optional
         Default: the ``use_backend`` context, then ``FASTSCE_BACKEND``, then "auto".
     num_threads : int, optional
@@ -335,11 +336,11 @@ def sigmoid_cross_entropy(
 def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
              divergence, from_logits, target_scale, ignore_value, reduction, reduce_axes,
              tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads,
-             chunk=None, guard_out=True):
+             chunk=None, fresh_out=False):
     """The work of the public function: its result and each group's valid count
     (or, for a `chunk` of an Accumulator's map, its partials added to the map's).
-    `guard_out=False` (see `into_new_buffer`) skips the pre-pass that keeps a
-    caller's `out`/`loss_out` untouched when a target is bad."""
+    `fresh_out=True` (see `into_new_buffer`): `out`/`loss_out` are new buffers no
+    caller sees if a target is bad, so they are not filled with NaN then."""
     impl, threads, want_grad, x, compute = _start("sigmoid", reduction, backend, num_threads,
                                                   grad, logits)
     shape = x.shape
@@ -378,7 +379,7 @@ def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
     )
     return _run(impl, impl.binary, call, reduction, want_grad, gs, out, loss_out, compute,
                 out_dtype, in_place, shape, lambda impl, c: impl.count_valid(c), chunk,
-                guard_out)
+                fresh_out)
 
 
 def _whole(shape, reduce_axes, tile_shape, reduction):
@@ -518,7 +519,7 @@ def _group_scales(parts, reduction, grad_scale, counts):
 
 
 def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, compute,
-         out_dtype, in_place, grad_shape, precount, chunk, guard_out, what="index"):
+         out_dtype, in_place, grad_shape, precount, chunk, fresh_out, what="index"):
     """Shared tail of every loss: pre-pass if needed, the kernel on every part of
     the grouping, checks; the LossResult and each group's valid count. A chunk
     of an Accumulator's map only adds its partials (and writes its gradient)."""
@@ -541,13 +542,10 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
     # the chunk brings its map's). (An Accumulator refuses masked "mean"
     # gradients: its counts are the map's.)
     needs_counts = want_grad and reduction == "mean" and masked and chunk.counts is None
-    # The caller's `out`/`loss_out` (the logits themselves, in place) must be left
-    # as they were if a target is bad, so the targets are checked (read only)
-    # before the kernel writes into them. (A buffer of our own, or the float32
-    # buffer of float16 results, reaches the caller only after success.)
-    writes_given = (out is not None and call.grad is out) or \
-        (loss_out is not None and call.loss_map is loss_out)
-    guards = call.check and writes_given and (guard_out or in_place) and _may_be_bad(call)
+    # Targets are checked inside the fused pass (SPEC §2). Only an in-place
+    # gradient needs them checked first, by a read-only pass: the kernel would
+    # overwrite the logits before it found a bad target.
+    guards = call.check and in_place and _may_be_bad(call)
     counts = grouping.sizes() if chunk.counts is None else chunk.counts
     if needs_counts or guards:
         pre = Chunk(grouping, chunk.origin, GroupSums(math.prod(grouping.result_shape)))
@@ -555,7 +553,12 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
         if needs_counts:
             counts = pre.sums.totals()[1].reshape(grouping.result_shape)
     _group_scales(parts, reduction, grad_scale, counts)
-    _totals(call, [(p, kernel(c)) for p, c in parts], chunk, what)
+    try:
+        _totals(call, [(p, kernel(c)) for p, c in parts], chunk, what)
+    except TargetRangeError as err:
+        if fresh_out:
+            raise
+        _poison(err, (("out", out, call.grad), ("loss_out", loss_out, call.loss_map)))
     gradient = _deliver(call.grad, out, out_dtype) if want_grad else None
     if chunk.origin is not None:
         return None, None
@@ -563,6 +566,22 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
         return LossResult(_deliver(call.loss_map, loss_out, out_dtype), gradient), None
     loss, count = reduced(chunk, reduction)
     return LossResult(loss, gradient), count
+
+
+def _poison(err, outputs):
+    """Re-raise a target error after filling with NaN each caller's buffer (name,
+    given, written) that the kernel wrote into: no half-written result is left
+    that could pass for a whole one."""
+    filled = [name for name, given, written in outputs if given is not None and given is written]
+    if not filled:
+        raise err
+    with np.errstate(invalid="ignore"):
+        for name, given, _ in outputs:
+            if name in filled:
+                given[...] = np.nan
+    verb = "were" if len(filled) > 1 else "was"
+    raise TargetRangeError(f"{err} {' and '.join(f'`{n}`' for n in filled)} held partial "
+                           f"results and {verb} filled with NaN.") from None
 
 
 def _may_be_bad(call):
@@ -688,7 +707,7 @@ def softmax_cross_entropy(
 def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value,
              label_smoothing, divergence, from_logits, target_scale, reduction, reduce_axes,
              tile_shape, grad, grad_scale, out, loss_out, check, backend, num_threads,
-             chunk=None, guard_out=True):
+             chunk=None, fresh_out=False):
     """The work of the public function (see _sigmoid)."""
     impl, threads, want_grad, x, compute = _start("softmax", reduction, backend, num_threads,
                                                   grad, logits)
@@ -752,21 +771,20 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
         ignore_value=ignore_value, check=check, threads=threads,
     )
     return _run(impl, impl.softmax, call, reduction, want_grad, gs, out, loss_out, compute,
-                out_dtype, in_place, x.shape, _softmax_precount, chunk, guard_out,
+                out_dtype, in_place, x.shape, _softmax_precount, chunk, fresh_out,
                 what="pixel")
 
 
 def into_new_buffer(public):
     """`public` (a loss function) for a caller whose `out` is a new buffer that no one
-    sees if the call fails (fastsce.torch's gradient tensor): its targets are
-    checked by the fused pass alone, without the read-only pre-pass that keeps a
-    user's buffer untouched."""
+    sees if the call fails (fastsce.torch's gradient tensor): not filled with NaN
+    after a target error, and the message does not mention it."""
     work = {sigmoid_cross_entropy: _sigmoid, softmax_cross_entropy: _softmax}[public]
     defaults = {name: p.default for name, p in inspect.signature(public).parameters.items()
                 if p.kind is p.KEYWORD_ONLY}
 
     def call(logits, targets, **options):
-        return work(logits, targets, **{**defaults, **options}, guard_out=False)[0]
+        return work(logits, targets, **{**defaults, **options}, fresh_out=True)[0]
 
     return call
 

@@ -396,9 +396,9 @@ def _chunk_loss(x, *blocks, plan, want_grad, map_dtype, grad_dtype, block_info=N
     chunk = plan.chunk(block_info, counts=counts)
     grad = np.empty(x.shape, grad_dtype) if want_grad else None
     loss_map = None if map_dtype is None else np.empty(pixels, map_dtype)
-    # (fresh buffers no caller sees if the call fails: no read-only target pass first)
+    # (fresh buffers no caller sees if the call fails)
     plan.call(x, blocks[:n], grad=want_grad, out=grad, loss_out=loss_map, chunk=chunk,
-              guard_out=False)
+              fresh_out=True)
     if loss_map is not None and plan.operands.axis is not None:
         loss_map = np.expand_dims(loss_map, plan.operands.axis)
     return chunk.sums, grad, loss_map

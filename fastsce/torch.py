@@ -37,7 +37,7 @@ __all__ = ["SigmoidCrossEntropy", "SoftmaxCrossEntropy", "sigmoid_cross_entropy"
            "softmax_cross_entropy"]
 
 _DTYPES = (torch.float32, torch.float64)
-# The gradient goes into a fresh tensor: nothing to guard if a target is bad.
+# The gradient goes into a fresh tensor: no one sees it if a target is bad.
 _SIGMOID = _api.into_new_buffer(_api.sigmoid_cross_entropy)
 _SOFTMAX = _api.into_new_buffer(_api.softmax_cross_entropy)
 _OPERANDS = ("weight", "pos_weight", "mask", "class_weights")  # constants, as target

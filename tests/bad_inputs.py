@@ -3,7 +3,8 @@ raises and the argument its message names (for `fastsce evaluate`: the exit
 code and the file named).
 
 tests/test_bad_inputs.py runs each API row on every backend with sentinel
-`out`/`loss_out` buffers (they must come back bitwise untouched) and each
+`out`/`loss_out` buffers (they must come back bitwise untouched, or all NaN
+after a target error when the message says so) and each
 command row in a temporary folder (nothing may be written). README's "Bad
 inputs" section is generated from these rows: ``python tests/bad_inputs.py``
 rewrites it, and a test fails when it is stale.

@@ -137,6 +137,31 @@ def test_in_place_target_error_leaves_logits(backend):
     np.testing.assert_array_equal(x, x_before)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("out_dtype", [np.float64, np.float16])
+def test_target_error_fills_a_separate_out_with_nan(backend, reduction, out_dtype):
+    # Checked inside the fused pass (SPEC §2): a separate buffer the pass wrote
+    # comes back all NaN, and the message says so; one the kernel did not write
+    # (float16 results are computed in a float32 buffer of ours) is untouched.
+    x, z = case()
+    x = x.astype(out_dtype)
+    z[2, 5] = 1.01
+    out = sentinel_out(x.shape, out_dtype)
+    loss_out = sentinel_out(x.shape, out_dtype) if reduction == "none" else None
+    with pytest.raises(ValueError, match="targets") as info:
+        sce(x, z, out=out, loss_out=loss_out, reduction=reduction, backend=backend)
+    msg = str(info.value)
+    if out_dtype == np.float64:
+        assert np.isnan(out).all()
+        assert ("`out` and `loss_out` held partial results and were filled with NaN"
+                if loss_out is not None else "`out` held partial results and was") in msg, msg
+        if loss_out is not None:
+            assert np.isnan(loss_out).all()
+    else:
+        np.testing.assert_array_equal(out, sentinel_out(x.shape, out_dtype))
+        assert "NaN." not in msg, msg
+
+
 def test_unavailable_backend_raises_with_reason():
     info = fastsce.info()["backends"]
     missing = [n for n, rec in info.items() if not rec["available"]]
