@@ -112,7 +112,7 @@ def _torch_runner(wl, x, z):
             loss = F.cross_entropy(xm, zm)
         if wl.grad:
             loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     return run, torch
 
