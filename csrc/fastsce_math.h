@@ -37,14 +37,16 @@ MATH_INLINE int64_t f64_bits(double f) { int64_t i; memcpy(&i, &f, 8); return i;
 
 /* ------------------------------------------------------------ float32 */
 
-/* exp(r) for the reduced argument r, |r| <= ln(2)/2 (Cephes expf's fit),
- * Horner in fused multiply-adds. */
+/* exp(r) for the reduced argument r, |r| <= ln(2)/2 (Cephes expf's fit), in
+ * fused multiply-adds and powers of r^2: 3 dependent fmas instead of 5.
+ * exp(x) worst 1.03 ulp over every float32 x in [-150, 0] (Horner's: 1.01). */
 MATH_INLINE float exp_poly_f32(float r)
 {
-    float p = fmaf(fmaf(fmaf(fmaf(fmaf(1.9875691500e-4f, r, 1.3981999507e-3f), r,
-                                  8.3334519073e-3f), r, 4.1665795894e-2f), r,
-                        1.6666665459e-1f), r, 5.0000001201e-1f);
-    return fmaf(p, r * r, r) + 1.0f;
+    float r2 = r * r;
+    float p = fmaf(fmaf(fmaf(1.9875691500e-4f, r, 1.3981999507e-3f), r2,
+                        fmaf(8.3334519073e-3f, r, 4.1665795894e-2f)), r2,
+                   fmaf(1.6666665459e-1f, r, 5.0000001201e-1f));
+    return fmaf(p, r2, r) + 1.0f;
 }
 
 /* p * 2^ki as two factors, so a result in the subnormal range is exact. */
@@ -110,15 +112,19 @@ MATH_INLINE float log1p_unit_f32(float e, float *inv)
 
 /* log1p(e) for e in [0, 1] (and NaN) as e + e^2 h(e), h a degree-9 fit of
  * (log1p(e) - e) / e^2 in e - 1/2: no division and no range reduction, for
- * the binary loss's log1p(exp(-|x|)). Worst 1.24 ulp over every float32 e in
- * [0, 1] (checked exhaustively); *inv = 1 / (1 + e). */
+ * the binary loss's log1p(exp(-|x|)). h is evaluated Estrin-like, 4
+ * dependent fmas instead of Horner's 9 (the binary loop is latency-bound:
+ * C's W1 at 1 thread 1.41 -> 1.58 Gelem/s). Worst 1.65 ulp over every
+ * float32 e in [0, 1] (checked exhaustively; Horner's: 1.24); *inv = 1 / (1 + e). */
 MATH_INLINE float log1p_01_f32(float e, float *inv)
 {
-    float t = e - 0.5f;
-    float h = fmaf(fmaf(fmaf(fmaf(fmaf(fmaf(fmaf(fmaf(fmaf(2.836052561e-03f, t,
-              -4.578823689e-03f), t, 5.768417381e-03f), t, -9.680889547e-03f), t,
-              1.680524088e-02f), t, -2.896415815e-02f), t, 5.108278990e-02f), t,
-              -9.322970361e-02f), t, 1.792249382e-01f), t, -3.781395853e-01f);
+    float t = e - 0.5f, t2 = t * t, t4 = t2 * t2;
+    float p01 = fmaf(1.792249382e-01f, t, -3.781395853e-01f);
+    float p23 = fmaf(5.108278990e-02f, t, -9.322970361e-02f);
+    float p45 = fmaf(1.680524088e-02f, t, -2.896415815e-02f);
+    float p67 = fmaf(5.768417381e-03f, t, -9.680889547e-03f);
+    float p89 = fmaf(2.836052561e-03f, t, -4.578823689e-03f);
+    float h = fmaf(fmaf(p89, t4, fmaf(p67, t2, p45)), t4, fmaf(p23, t2, p01));
     *inv = 1.0f / (1.0f + e);
     return fmaf(e * e, h, e);
 }

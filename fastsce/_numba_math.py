@@ -124,8 +124,9 @@ _RINT32_BITS = np.int32(0x4B400000)        # its bits: k is the difference of th
 def exp_poly_f32(r):
     """exp(r) for the reduced argument r, |r| <= ln(2)/2 (Cephes expf's fit)."""
     p0, p1, p2, p3, p4, p5 = _E32_P
-    p = fma(fma(fma(fma(fma(p0, r, p1), r, p2), r, p3), r, p4), r, p5)
-    return fma(p, r * r, r) + F32(1.0)
+    r2 = r * r                         # in powers of r^2: half the dependent fmas
+    p = fma(fma(fma(p0, r, p1), r2, fma(p2, r, p3)), r2, fma(p4, r, p5))
+    return fma(p, r2, r) + F32(1.0)
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
@@ -191,8 +192,10 @@ def log1p_01_f32(e):
     csrc/fastsce_math.h)."""
     h0, h1, h2, h3, h4, h5, h6, h7, h8, h9 = _LP32_H
     t = e - F32(0.5)
-    h = fma(fma(fma(fma(fma(fma(fma(fma(fma(h9, t, h8), t, h7), t, h6), t, h5), t, h4), t, h3),
-                    t, h2), t, h1), t, h0)
+    t2 = t * t
+    t4 = t2 * t2                       # Estrin-like: 4 dependent fmas, not 9
+    h = fma(fma(fma(h9, t, h8), t4, fma(fma(h7, t, h6), t2, fma(h5, t, h4))), t4,
+            fma(fma(h3, t, h2), t2, fma(h1, t, h0)))
     return fma(e * e, h, e), F32(1.0) / (F32(1.0) + e)
 
 
