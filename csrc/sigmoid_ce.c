@@ -414,8 +414,9 @@ DEFINE_BINARY(f64, double, f32, float)
 DEFINE_BINARY(f64, double, u8, uint8_t)
 DEFINE_BINARY(f64, double, u16, uint16_t)
 
-/* Count and check only: the pre-pass that guards a caller's out (and counts a
- * masked "mean"), as vectorized as the loss loops (it reads as many bytes). */
+/* Count and check only: the pre-pass that guards an in-place out=logits (and
+ * counts a masked "mean"), as vectorized as the loss loops (it reads as many
+ * bytes). */
 #define DEFINE_COUNT(TN, T)                                                            \
 ALWAYS_INLINE seg_sums count_loop_##TN(const seg_args *s, int masked)                  \
 {                                                                                      \

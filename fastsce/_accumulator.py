@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from . import _api
-from ._errors import FastSCETypeError, FastSCEValueError
+from ._errors import FastSCETypeError, FastSCEValueError, TargetRangeError
 from ._groups import Grouping
 from ._partials import GroupSums
 
@@ -36,7 +36,8 @@ class Accumulator:
     out : ndarray, optional
         Gradient of the whole map (e.g. an ``np.memmap``), written chunk by
         chunk. With reduction="mean" each group's count must be known before
-        its first chunk, so masks and ``ignore_value`` then need "sum".
+        its first chunk, so masks and ``ignore_value`` then need "sum". A chunk
+        with a bad target leaves its part of ``out`` all NaN and is not added.
     grad_scale, label_smoothing, divergence, from_logits, target_scale,
     ignore_value, class_weights, check, backend, num_threads
         As in the loss functions, the same for every chunk.
@@ -118,15 +119,22 @@ class Accumulator:
         origin = tuple(start) if self.axis is None else \
             tuple(np.delete(start, self.axis))
         chunk = _api.Chunk(self.grouping, origin, self.sums)
-        out = None if self.out is None else self.out[tuple(slice(a, b) for a, b in box.T)]
-        if self.kind == "sigmoid":
-            _api._sigmoid(x, targets, weight=weight, mask=mask, pos_weight=pos_weight,
-                          out=out, chunk=chunk, **self.options)
-        else:
-            if pos_weight is not None:
-                raise FastSCEValueError("`pos_weight` applies to kind='sigmoid'")
-            _api._softmax(x, targets, weight=weight, mask=mask, out=out, chunk=chunk,
-                          **self.options)
+        region = tuple(slice(a, b) for a, b in box.T)
+        out = None if self.out is None else self.out[region]
+        if pos_weight is not None and self.kind != "sigmoid":
+            raise FastSCEValueError("`pos_weight` applies to kind='sigmoid'")
+        extra = {} if self.kind != "sigmoid" else {"pos_weight": pos_weight}
+        work = _api._sigmoid if self.kind == "sigmoid" else _api._softmax
+        try:
+            work(x, targets, weight=weight, mask=mask, out=out, chunk=chunk, **extra,
+                 **self.options)
+        except TargetRangeError as err:
+            # Only this chunk's part of `out` was filled; nothing was added.
+            shown_region = ", ".join(f"{s.start}:{s.stop}" for s in region)
+            raise TargetRangeError(str(err).replace(
+                "`out` held partial results and was filled with NaN.",
+                f"`out[{shown_region}]` (this chunk's part) held partial results and was "
+                "filled with NaN; the chunk was not added.")) from None
         self.boxes = np.concatenate([self.boxes, box[None]])
 
     def merge(self, other):

@@ -544,8 +544,9 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
     needs_counts = want_grad and reduction == "mean" and masked and chunk.counts is None
     # Targets are checked inside the fused pass (SPEC §2). Only an in-place
     # gradient needs them checked first, by a read-only pass: the kernel would
-    # overwrite the logits before it found a bad target.
-    guards = call.check and in_place and _may_be_bad(call)
+    # overwrite the logits before it found a bad target. (float16 logits are
+    # computed in a float32 buffer of ours, copied back only after success.)
+    guards = call.check and in_place and call.grad is out and _may_be_bad(call)
     counts = grouping.sizes() if chunk.counts is None else chunk.counts
     if needs_counts or guards:
         pre = Chunk(grouping, chunk.origin, GroupSums(math.prod(grouping.result_shape)))
@@ -588,7 +589,8 @@ def _may_be_bad(call):
     """Whether a target of `call` can lie outside its range: not for soft targets
     of an unsigned dtype whose every code is within [0, target_scale] (uint8 at
     the default scale 255), so a pass that only looks for bad targets (the one
-    that guards `out`, the softmax pre-count's element check) would find none."""
+    that guards an in-place `out=logits`, the softmax pre-count's element check)
+    would find none."""
     z = call.z
     if getattr(call, "hard", False) or z.dtype.kind != "u":
         return True

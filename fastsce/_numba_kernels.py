@@ -152,7 +152,8 @@ def _segment(from_logits, divergence, ftype):
 
 @jit(**_OPTS)
 def _count_segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs, losses):
-    """Count and check only (the pre-pass of a masked "mean" gradient)."""
+    """Count and check only (the pre-pass of a masked "mean" gradient or of an
+    in-place out=logits)."""
     count = 0
     bad = 0
     sc = np.float64(scale)

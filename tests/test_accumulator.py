@@ -117,6 +117,24 @@ def test_in_place_mean_gradient_divides_by_the_map_count(backend):
     np.testing.assert_array_equal(g, one.grad)
 
 
+def test_bad_chunk_fills_its_part_of_out_with_nan_and_is_not_added(backend):
+    x, z = data((4, 100), seed=7, dtype=np.float64)
+    one = fastsce.sigmoid_cross_entropy(x, z, reduction="sum", backend=backend)
+    g = np.full(x.shape, 7.0)
+    acc = fastsce.Accumulator("sigmoid", g.shape, reduction="sum", out=g, backend=backend)
+    acc.add(x[:2], z[:2], index=(slice(0, 2),))
+    bad = z[2:].copy()
+    bad[0, 5] = 1.5
+    with pytest.raises(fastsce.TargetRangeError, match=r"first at index \(2, 5\)") as info:
+        acc.add(x[2:], bad, index=(slice(2, 4),))
+    assert "`out[2:4, 0:100]` (this chunk's part) held partial results" in str(info.value)
+    assert np.isnan(g[2:]).all()
+    np.testing.assert_array_equal(g[:2], one.grad[:2])      # earlier chunks intact
+    acc.add(x[2:], z[2:], index=(slice(2, 4),))             # the fixed chunk
+    assert acc.result().loss == pytest.approx(one.loss, rel=1e-12)
+    np.testing.assert_array_equal(g, one.grad)
+
+
 def test_merge_collects_what_one_accumulator_would(backend):
     """Accumulators fed disjoint chunks (in threads or processes) merge to the whole map."""
     shape = (3, 40, 300)

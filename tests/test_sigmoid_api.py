@@ -479,13 +479,13 @@ def test_numba_and_c_agree_elementwise(dtype):
     z = rng.random(n).astype(dtype)
     z[::5] = 0.0
     z[1::5] = 1.0
+    x[:1201] = np.linspace(-18, 18, 1201)  # the range of the float32 log1p polynomial
     a = sce(x, z, reduction="none", backend="numba")
     b = sce(x, z, reduction="none", backend="c")
-    exp = expected(x, z, reduction="none")
-    ok_loss = ulp_close(a.loss, b.loss, dtype, exp.loss_scale)
-    ok_grad = ulp_close(a.grad, b.grad, dtype, exp.grad_scale)
-    assert ok_loss.all(), np.argwhere(~ok_loss)[:5].tolist()
-    assert ok_grad.all(), np.argwhere(~ok_grad)[:5].tolist()
+    # The twins run the same operations in the same order (fma where one has it):
+    # element by element, bitwise the same.
+    np.testing.assert_array_equal(a.loss, b.loss)
+    np.testing.assert_array_equal(a.grad, b.grad)
     sa = sce(x, z, reduction="sum", backend="numba").loss
     sb = sce(x, z, reduction="sum", backend="c").loss
     assert sa == pytest.approx(sb, rel=1e-6 if dtype == np.float32 else 1e-13)

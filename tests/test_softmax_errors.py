@@ -1,6 +1,7 @@
 """Every bad multiclass argument raises the documented exception, naming the
 argument (and both shapes for a shape mismatch), before anything is written
-(SPEC §2, §4).  Every backend raises as the reference does."""
+(SPEC §2, §4); a bad target, found inside the fused pass, leaves a separate
+`out`/`loss_out` all NaN.  Every backend raises as the reference does."""
 import re
 
 import numpy as np

@@ -6,6 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
+import fastsce  # noqa: E402
 import fastsce.torch as ft  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64]
@@ -293,3 +294,12 @@ def test_torch_fallback_matches_the_kernels(grouping):
     out = ft.softmax_cross_entropy(x.to("meta"), z.to("meta"), fallback="torch", check=False,
                                    **grouping)
     assert out.device.type == "meta"
+
+
+def test_bad_target_raises_in_torch_names_without_buffers():
+    x = torch.zeros(3, 4, requires_grad=True)
+    z = torch.full((3, 4), 0.5)
+    z[1, 2] = 1.5
+    with pytest.raises(fastsce.TargetRangeError, match=r"`target` must be.*\(1, 2\)") as info:
+        ft.sigmoid_cross_entropy(x, z)
+    assert "filled with NaN" not in str(info.value)  # the gradient tensor was our own
