@@ -164,6 +164,28 @@ def test_target_error_fills_a_separate_out_with_nan(backend, reduction, out_dtyp
         assert "filled with NaN" not in msg, msg
 
 
+@pytest.mark.parametrize("how", ["loss_out-only", "in-place+loss_out", "masked-mean"])
+def test_target_error_buffers_by_call(backend, how):
+    # loss_out alone is filled; an in-place call and a masked "mean" gradient
+    # find the bad target in their read-only pass, before anything is written.
+    x, z = case()
+    z[1, 3] = -0.5
+    loss_out = sentinel_out()
+    kw = {"loss_out-only": dict(grad=False, reduction="none", loss_out=loss_out),
+          "in-place+loss_out": dict(out=x, reduction="none", loss_out=loss_out),
+          "masked-mean": dict(out=loss_out, mask=np.ones(x.shape, bool))}[how]
+    x_before = x.copy()
+    with pytest.raises(fastsce.TargetRangeError, match=r"first at index \(1, 3\)") as info:
+        sce(x, z, backend=backend, **kw)
+    np.testing.assert_array_equal(x, x_before)
+    if how == "loss_out-only":
+        assert "`loss_out` held partial results and was filled with NaN" in str(info.value)
+        assert np.isnan(loss_out).all()
+    else:
+        assert "filled with NaN" not in str(info.value)
+        np.testing.assert_array_equal(loss_out, SENTINEL)
+
+
 def test_unavailable_backend_raises_with_reason():
     info = fastsce.info()["backends"]
     missing = [n for n, rec in info.items() if not rec["available"]]
