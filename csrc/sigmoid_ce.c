@@ -125,12 +125,7 @@ DEFINE_ELEMENT(f64, double)
 #define IS_INT_float 0
 #define IS_INT_double 0
 #define IS_INT(T) IS_INT_##T
-#define IS_UNSIGNED_uint8_t 1
-#define IS_UNSIGNED_uint16_t 1
-#define IS_UNSIGNED_int64_t 0
-#define IS_UNSIGNED_float 0
-#define IS_UNSIGNED_double 0
-#define IS_UNSIGNED(T) IS_UNSIGNED_##T
+#define IS_UNSIGNED(T) ((T)-1 > (T)0)      /* uint8/uint16 codes; (T)-1 their top */
 
 /* The contiguous loop over one row; flags are compile-time in every caller. */
 #define DEFINE_SEGMENT(XN, X, TN, T)                                                   \
@@ -431,7 +426,7 @@ ALWAYS_INLINE seg_sums count_loop_##TN(const seg_args *s, int masked)           
     const double sc = p->scale;                                                        \
     /* unsigned codes are compared as codes: widening bytes to float64 made the */     \
     /* loop 5x slower than Numba's (the same test: code > floor(scale))         */     \
-    const double top = IS_UNSIGNED(T) ? (sizeof(T) == 1 ? 255.0 : 65535.0) : 0.0;     \
+    const double top = IS_UNSIGNED(T) ? (double)(T)-1 : 0.0;                           \
     const T limit = (T)(sc < top ? sc : top);                                          \
     const int64_t n = s->n;                                                            \
     int32_t count = 0, bad = 0;     /* n <= FASTSCE_BLOCK */                           \

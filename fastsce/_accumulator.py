@@ -127,14 +127,14 @@ class Accumulator:
         work = _api._sigmoid if self.kind == "sigmoid" else _api._softmax
         try:
             work(x, targets, weight=weight, mask=mask, out=out, chunk=chunk, **extra,
-                 **self.options)
+                 **self.options, fresh_out=True)
         except TargetRangeError as err:
-            # Only this chunk's part of `out` was filled; nothing was added.
-            shown_region = ", ".join(f"{s.start}:{s.stop}" for s in region)
-            raise TargetRangeError(str(err).replace(
-                "`out` held partial results and was filled with NaN.",
-                f"`out[{shown_region}]` (this chunk's part) held partial results and was "
-                "filled with NaN; the chunk was not added.")) from None
+            if out is None:
+                raise
+            # Only this chunk's part of `out` is filled; its sums were not added.
+            shown = ", ".join(f"{s.start}:{s.stop}" for s in region)
+            _api._poison(err, ((f"`out[{shown}]` (this chunk's part)", out, out),),
+                         "; the chunk was not added")
         self.boxes = np.concatenate([self.boxes, box[None]])
 
     def merge(self, other):

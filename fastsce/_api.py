@@ -339,8 +339,9 @@ def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
              chunk=None, fresh_out=False):
     """The work of the public function: its result and each group's valid count
     (or, for a `chunk` of an Accumulator's map, its partials added to the map's).
-    `fresh_out=True` (see `into_new_buffer`): `out`/`loss_out` are new buffers no
-    caller sees if a target is bad, so they are not filled with NaN then."""
+    `fresh_out=True`: after a target error `out`/`loss_out` are the caller's
+    business, not filled with NaN here (new buffers no one sees: `into_new_buffer`,
+    fastsce.dask; an Accumulator fills its chunk's part itself)."""
     impl, threads, want_grad, x, compute = _start("sigmoid", reduction, backend, num_threads,
                                                   grad, logits)
     shape = x.shape
@@ -559,7 +560,7 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
     except TargetRangeError as err:
         if fresh_out:
             raise
-        _poison(err, (("out", out, call.grad), ("loss_out", loss_out, call.loss_map)))
+        _poison(err, (("`out`", out, call.grad), ("`loss_out`", loss_out, call.loss_map)))
     gradient = _deliver(call.grad, out, out_dtype) if want_grad else None
     if chunk.origin is not None:
         return None, None
@@ -569,20 +570,20 @@ def _run(impl, kernel, call, reduction, want_grad, grad_scale, out, loss_out, co
     return LossResult(loss, gradient), count
 
 
-def _poison(err, outputs):
-    """Re-raise a target error after filling with NaN each caller's buffer (name,
+def _poison(err, outputs, note=""):
+    """Re-raise a target error after filling with NaN each caller's buffer (label,
     given, written) that the kernel wrote into: no half-written result is left
-    that could pass for a whole one."""
-    filled = [name for name, given, written in outputs if given is not None and given is written]
+    that could pass for a whole one. The message names them (and adds `note`)."""
+    filled = [(label, given) for label, given, written in outputs
+              if given is not None and given is written]
     if not filled:
         raise err
     with np.errstate(invalid="ignore"):
-        for name, given, _ in outputs:
-            if name in filled:
-                given[...] = np.nan
+        for _, given in filled:
+            given[...] = np.nan
     verb = "were" if len(filled) > 1 else "was"
-    raise TargetRangeError(f"{err} {' and '.join(f'`{n}`' for n in filled)} held partial "
-                           f"results and {verb} filled with NaN.") from None
+    raise TargetRangeError(f"{err} {' and '.join(label for label, _ in filled)} held partial "
+                           f"results and {verb} filled with NaN{note}.") from None
 
 
 def _may_be_bad(call):
