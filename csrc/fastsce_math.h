@@ -61,23 +61,28 @@ MATH_INLINE float times_pow2_f32(float p, int32_t ki)
              * bits_f32((int32_t)((uint32_t)(k2 + 127) << 23));
 }
 
-/* exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding: a
- * shift keeps a result that would be subnormal at full precision. */
-MATH_INLINE float exp_neg_scaled_f32(float x, int32_t shift)
+/* The softmax's exp(d + err) * 2^64, for d = x - m <= 0 (and NaN) and err
+ * what rounding x - m lost (|err| <= ulp(d) / 2, so it is added to the
+ * reduced argument). d is clamped at -130: every result is then a normal
+ * float32 and 2^(k + 64) a single factor. Below e^-130 of the maximum a
+ * class cannot change a float32 loss (the smallest subnormal is e^-103). */
+#define EXP_CLASS_MIN_f32 (-130.0f)
+#define EXP_CLASS_UNSCALE_f32 0x1p-64f
+MATH_INLINE float exp_class_f32(float d, float err)
 {
-    x = x < -150.0f ? -150.0f : x;                  /* exp(-150) * 2^64 rounds to 0; NaN stays */
-    float k = fmaf(x, 1.44269504088896341f, 12582912.0f) - 12582912.0f;  /* rint: + 1.5*2^23 */
-    k = k == k ? k : 0.0f;                          /* keep the int conversion defined */
-    float r = fmaf(k, 2.12194440e-4f, fmaf(k, -0.693359375f, x));
-    return times_pow2_f32(exp_poly_f32(r), (int32_t)k + shift);
+    d = d < EXP_CLASS_MIN_f32 ? EXP_CLASS_MIN_f32 : d;
+    float kb = fmaf(d, 1.44269504088896341f, 12582912.0f);    /* rint: + 1.5*2^23 */
+    float k = kb - 12582912.0f;
+    float r = fmaf(k, 2.12194440e-4f, fmaf(k, -0.693359375f, d) + err);
+    /* unsigned: k from a NaN's bits is garbage (the product is NaN either way) */
+    uint32_t ki = (uint32_t)(f32_bits(kb) - f32_bits(12582912.0f));
+    return exp_poly_f32(r) * bits_f32((int32_t)((ki + 127u + 64u) << 23));
 }
 
-/* exp(x) for x <= 0 (and NaN); 0 below the subnormal range. The same numbers
- * as exp_neg_scaled_f32(x, 0), but k is read from the bits of the rounding
- * sum instead of converted: with no NaN guard to select on, GCC stops
- * evaluating the loss loop twice (once per side of the guard; 20% of the
- * binary loop's instructions). The softmax chunk keeps the guarded form:
- * without the guard GCC does not vectorize it at all (4.5x slower). */
+/* exp(x) for x <= 0 (and NaN); 0 below the subnormal range. k is read from
+ * the bits of the rounding sum instead of converted: with no NaN guard to
+ * select on, GCC stops evaluating the loss loop twice (once per side of the
+ * guard; 20% of the binary loop's instructions). */
 MATH_INLINE float exp_neg_f32(float x)
 {
     x = x < -150.0f ? -150.0f : x;
@@ -167,13 +172,19 @@ MATH_INLINE double times_pow2_f64(double p, int64_t ki)
              * bits_f64((int64_t)((uint64_t)(k2 + 1023) << 52));
 }
 
-MATH_INLINE double exp_neg_scaled_f64(double x, int64_t shift)
+/* As exp_class_f32: exp(d + err) * 2^140, d clamped at -800, every result a
+ * normal float64 (the smallest subnormal is e^-745). */
+#define EXP_CLASS_MIN_f64 (-800.0)
+#define EXP_CLASS_UNSCALE_f64 0x1p-140
+MATH_INLINE double exp_class_f64(double d, double err)
 {
-    x = x < -746.0 ? -746.0 : x;
-    double k = (x * 1.44269504088896338700e+00 + 6755399441055744.0) - 6755399441055744.0;
-    k = k == k ? k : 0.0;
-    double p = exp_poly_f64(x - k * 6.93147180369123816490e-01, k * 1.90821492927058770002e-10);
-    return times_pow2_f64(p, (int64_t)k + shift);
+    d = d < EXP_CLASS_MIN_f64 ? EXP_CLASS_MIN_f64 : d;
+    double kb = d * 1.44269504088896338700e+00 + 6755399441055744.0;
+    double k = kb - 6755399441055744.0;
+    double p = exp_poly_f64(d - k * 6.93147180369123816490e-01,
+                            k * 1.90821492927058770002e-10 - err);
+    uint64_t ki = (uint64_t)(f64_bits(kb) - f64_bits(6755399441055744.0));
+    return p * bits_f64((int64_t)((ki + 1023u + 140u) << 52));
 }
 
 /* As exp_neg_f32: k from the bits of the rounding sum. */

@@ -52,8 +52,9 @@ _MATH = {
     np.float32: _Math(M.exp_neg_f32, M.log1p_unit_f32, M.log_f32, M.log1p_01_f32),
     np.float64: _Math(M.exp_neg_f64, M.log1p_unit_f64, M.log_f64, M.log1p_01_f64),
 }
-_EXP_SCALED = {np.float32: (M.exp_neg_scaled_f32, np.int32),
-               np.float64: (M.exp_neg_scaled_f64, np.int64)}
+#: the softmax's exp, its clamp and what undoes its scale, per compute type
+_EXP_CLASS = {np.float32: (M.exp_class_f32, M.EXP_CLASS_MIN_F32, M.EXP_CLASS_UNSCALE_F32),
+              np.float64: (M.exp_class_f64, M.EXP_CLASS_MIN_F64, M.EXP_CLASS_UNSCALE_F64)}
 
 
 @functools.lru_cache(maxsize=None)

@@ -137,22 +137,30 @@ def times_pow2_f32(p, ki):
     return p * bits_f32(np.int32((k1 + 127) << 23)) * bits_f32(np.int32((k2 + 127) << 23))
 
 
+#: exp_class_f32's clamp and scale (exp_class_f64's below)
+EXP_CLASS_MIN_F32 = F32(-130.0)
+EXP_CLASS_UNSCALE_F32 = F32(2.0 ** -64)
+
+
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
-def exp_neg_scaled_f32(x, shift):
-    """exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding:
-    a shift keeps a result that would be subnormal at full precision."""
-    x = F32(-150.0) if x < F32(-150.0) else x   # exp(-150) * 2^64 rounds to 0; NaN stays
-    k = fma(x, _E32_LOG2E, _RINT32) - _RINT32    # round to nearest, no libm call
-    k = k if k == k else F32(0.0)                # keep the int conversion defined
-    r = fma(k, -_E32_LN2LO, fma(k, -_E32_LN2HI, x))
-    return times_pow2_f32(exp_poly_f32(r), np.int32(np.int32(k) + shift))
+def exp_class_f32(d, err):
+    """The softmax's exp(d + err) * 2^64, for d = x - m <= 0 (and NaN) and err
+    what rounding x - m lost (added to the reduced argument). d is clamped at
+    -130: every result is then a normal float32 and 2^(k + 64) one factor.
+    Below e^-130 of the maximum a class cannot change a float32 loss."""
+    d = EXP_CLASS_MIN_F32 if d < EXP_CLASS_MIN_F32 else d
+    kb = fma(d, _E32_LOG2E, _RINT32)
+    k = kb - _RINT32
+    r = fma(k, -_E32_LN2LO, fma(k, -_E32_LN2HI, d) + err)
+    ki = np.int32(f32_bits(kb) - _RINT32_BITS)
+    return exp_poly_f32(r) * bits_f32(np.int32((ki + np.int32(127 + 64)) << 23))
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def exp_neg_f32(x):
-    """exp(x) for x <= 0 (and NaN); 0 below the subnormal range. The numbers
-    of exp_neg_scaled_f32(x, 0), with k read from the bits of the rounding
-    sum instead of converted (no NaN guard; why: csrc/fastsce_math.h)."""
+    """exp(x) for x <= 0 (and NaN); 0 below the subnormal range. k is read
+    from the bits of the rounding sum instead of converted (no NaN guard;
+    why: csrc/fastsce_math.h)."""
     x = F32(-150.0) if x < F32(-150.0) else x
     kb = fma(x, _E32_LOG2E, _RINT32)
     k = kb - _RINT32
@@ -248,14 +256,19 @@ def times_pow2_f64(p, ki):
     return p * bits_f64((k1 + 1023) << 52) * bits_f64((k2 + 1023) << 52)
 
 
+EXP_CLASS_MIN_F64 = -800.0
+EXP_CLASS_UNSCALE_F64 = 2.0 ** -140
+
+
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
-def exp_neg_scaled_f64(x, shift):
-    """exp(x) * 2^shift for x <= 0 (and NaN), 0 <= shift <= 64, one rounding."""
-    x = -746.0 if x < -746.0 else x
-    k = (x * _E64_LOG2E + _RINT64) - _RINT64
-    k = k if k == k else 0.0
-    p = exp_poly_f64(x - k * _E64_LN2HI, k * _E64_LN2LO)
-    return times_pow2_f64(p, np.int64(k) + shift)
+def exp_class_f64(d, err):
+    """As exp_class_f32: exp(d + err) * 2^140, d clamped at -800, every result
+    a normal float64."""
+    d = EXP_CLASS_MIN_F64 if d < EXP_CLASS_MIN_F64 else d
+    kb = d * _E64_LOG2E + _RINT64
+    k = kb - _RINT64
+    p = exp_poly_f64(d - k * _E64_LN2HI, k * _E64_LN2LO - err)
+    return p * bits_f64((f64_bits(kb) - _RINT64_BITS + (1023 + 140)) << 52)
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
@@ -297,6 +310,19 @@ def log1p_01_f64(e):
     """(log1p(e), 1/(1+e)) for e in [0, 1] (and NaN): the reduced log (a
     polynomial in e alone would need degree ~21 for float64)."""
     return log1p_unit_f64(e)
+
+
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
+def log1p_pos_f64(r):
+    """(log1p(r), 1/(1+r)) for r >= 0 (and +inf, NaN) by one reduction of
+    u = 1 + r, the rounding of 1 + r put back as (r - (u - 1)) / u (fdlibm's log1p)."""
+    u = 1.0 + r
+    ix = f64_bits(u) + np.int64((0x3FF00000 - 0x3FE6A09E) << 32)
+    k = (ix >> 52) - 1023
+    ix = (ix & 0x000FFFFFFFFFFFFF) + np.int64(0x3FE6A09E << 32)
+    inv = 1.0 / u
+    res = log_reduced_f64(bits_f64(ix) - 1.0, F64(k)) + (r - (u - 1.0)) * inv
+    return (res if u < np.inf else u), inv
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`

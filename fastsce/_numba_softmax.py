@@ -33,29 +33,21 @@ from . import _numba_math as M
 from ._numba_math import jit
 from ._layout import BUF_PAD
 from ._numba_convert import convert
-from ._numba_kernels import (_ACC, _EXACT, _EXP_SCALED, _MATH, _OPTS, _absent, _by_type, _out,
+from ._numba_kernels import (_ACC, _EXACT, _EXP_CLASS, _MATH, _OPTS, _absent, _by_type, _out,
                               _scatter, _scratch, _view, block_range, row_offsets)
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
-_TWO_M64 = 2.0 ** -64
 #: Pixels per chunk. The C twin uses 16 and keeps the per-pixel sums in
 #: registers; here they live in small arrays, and longer chunks amortize the
 #: loop set-up. Nothing computed depends on it.
 CHUNK = 64
 
 
-@jit("log1p_pos", **_EXACT)
-def _log1p_pos(r):
-    """log1p(r) for r >= 0 in float64; both branches computed, as in C."""
-    near = M.log1p_unit_f64(r if r <= 1.0 else 0.0)[0]
-    return near if r <= 1.0 else M.log_f64(1.0 + r)
-
-
 @functools.lru_cache(maxsize=None)
 def _tile(from_logits, divergence, hard, ftype):
     """Loss and gradient of n pixels; x, z, g as (array, offset, class stride)."""
     log = _MATH[ftype].log
-    exp_scaled, I = _EXP_SCALED[ftype]
+    exp_class, dmin, unscale = _EXP_CLASS[ftype]
     F = ftype
     key = f"{from_logits}-{divergence}-{hard}-{ftype.__name__}"
     single = ftype is np.float32
@@ -72,31 +64,83 @@ def _tile(from_logits, divergence, hard, ftype):
 
     @jit(key, **_EXACT)
     def class_terms(v, mx, wz):
-        """(e; e 2^64 larger if a float32 exp would be subnormal, or 0 for a
-        maximum (what the sum adds); whether it is larger; a tie count; w z (m - x))
-        of one class."""
+        """(e = exp(x - m); what the sum r adds: e 2^S, or 0 for a maximum,
+        whose exp is exactly 1 and counted instead; the tie count; w z (m - x))
+        of one class. Probabilities: (c, 0, 0, -w z clog(c))."""
         if from_logits:
             d = zero if v == mx else v - mx       # x = m = +inf: the limit, d = 0
-            # TwoSum: err is what rounding x - m lost; exp(d + err) = e (1 + err)
-            # keeps a far-below-max class's probability to the last bits.
+            # TwoSum: err is what rounding x - m lost; exp(d + err) keeps a
+            # far-below-max class's probability to the last bits.
             bb = d - v
             err = (v - (d - bb)) + (-mx - bb)
-            err = err if err == err else zero
-            # A float32 exp below ~e^-87 is subnormal and loses bits; take it
-            # 2^64 larger for the float64 sum and scale only the stored value.
-            low = single and d < F(-80.0)
-            e = exp_scaled(d, I(64) if low else I(0))
-            e = e + e * err
-            es = zero if d == zero else e
-            e = e * F(_TWO_M64) if low else e
-            a = zero if wz == zero else wz * -d
+            err = err if (d > dmin and err == err) else zero   # 0 if d is clamped
+            ex = exp_class(d, err)
             # the maxima's exps are exactly 1: counted, not summed, so the
             # sum is r, the other classes', and log(1 + r) = log1p(r)
             tie = one if d == zero else zero
-            return e, es, (one if low else zero), tie, a
+            es = zero if d == zero else ex
+            a = zero if wz == zero else wz * -d
+            return ex * unscale, es, tie, a
         lc = log(v)
         lc = clamp if lc < clamp else lc
-        return v, zero, zero, zero, (zero if wz == zero else -(wz * lc))
+        return v, zero, zero, (zero if wz == zero else -(wz * lc))
+
+    @jit(key, **_EXACT)
+    def one_class(xr, zr, k, j, cwk, mxj, inv, keep, shift):
+        """Class k of pixel j in step (2): (e, w z, and the sums' terms es, tie,
+        a, and w z log z for the divergence)."""
+        zv = target(zr, k, j, inv, keep, shift)
+        wz = cwk * zv
+        ev, es, tie, a = class_terms(xr[j], mxj, wz)
+        h = (zero if wz == zero else wz * log(zv)) if divergence else zero
+        return ev, wz, es, tie, a, h
+
+    def make_classes(two):
+        @jit(f"{key}-{two}", **_EXACT)
+        def classes(x, xo, xcs, z, zo, zcs, zp, k, q0, np_, cw, mxc, e, wzs, inv, keep, shift,
+                    ties, esb, wzb, ab, hb, s, W, A, H):
+            """Step (2) for class k, and k + 1 if `two`: stores e and w z for
+            (4) and adds to the per-pixel sums. A pair's terms (non-negative)
+            are added in the compute type, one rounding, then to the float64
+            sums: half the converts."""
+            k1 = k + 1 if two else k
+            cw0 = one if cw is None else cw[k]
+            cw1 = one if cw is None else cw[k1]
+            x0 = x[xo + k * xcs + q0:xo + k * xcs + q0 + np_]
+            x1 = x[xo + k1 * xcs + q0:xo + k1 * xcs + q0 + np_]
+            z0 = zp if hard else z[zo + k * zcs + q0:zo + k * zcs + q0 + np_]
+            z1 = zp if hard else z[zo + k1 * zcs + q0:zo + k1 * zcs + q0 + np_]
+            e0 = e[k * CHUNK:k * CHUNK + np_]
+            e1 = e[k1 * CHUNK:k1 * CHUNK + np_]
+            wz0 = wzs[k * CHUNK:k * CHUNK + np_]
+            wz1 = wzs[k1 * CHUNK:k1 * CHUNK + np_]
+            for j in range(np_):
+                ev, wz, es, t, a, h = one_class(x0, z0, k, j, cw0, mxc[j], inv, keep, shift)
+                e0[j] = ev
+                wz0[j] = wz
+                es1 = t1 = a1 = wz1v = h1 = zero
+                if two:
+                    ev, wz1v, es1, t1, a1, h1 = one_class(x1, z1, k1, j, cw1, mxc[j], inv, keep,
+                                                          shift)
+                    e1[j] = ev
+                    wz1[j] = wz1v
+                ties[j] += t + t1
+                esb[j] = es + es1
+                wzb[j] = wz + wz1v
+                ab[j] = a + a1
+                hb[j] = h + h1
+            # The float64 sums in a loop of their own: mixed with the float32
+            # work above, LLVM vectorized all of it 8 wide (ymm) instead of 16
+            # (W3 at 1 thread: 0.48 -> 0.55 Gelem/s). The same numbers.
+            for j in range(np_):
+                s[j] += np.float64(esb[j])
+                W[j] += np.float64(wzb[j])
+                A[j] += np.float64(ab[j])
+                if divergence:
+                    H[j] += np.float64(hb[j])
+        return classes
+
+    pair, single = make_classes(True), make_classes(False)
 
     # Every loop indexes a row slice with its range variable: Numba then knows
     # the index is not negative and emits plain vector loads (a computed
@@ -105,7 +149,7 @@ def _tile(from_logits, divergence, hard, ftype):
     def tile(x, xo, xcs, z, zo, zcs, w, m, g, go, gcs, l, n, C, cw, scale, eps, ignore,
              gs, sc, valid, lb):
         """(1) streaming whole class rows, then steps (2)-(4) chunk by chunk."""
-        mx, nbad, e, wzs, s, W, A, H, ties, ok, wf, isr, fac, esb, lwb, ab, hb = sc
+        mx, nbad, e, wzs, s, W, A, H, ties, ok, wf, isr, fac, esb, wzb, ab, hb = sc
         sca = F(scale)
         if from_logits:
             x0 = x[xo:xo + n]
@@ -139,33 +183,12 @@ def _tile(from_logits, divergence, hard, ftype):
                 ties[j] = zero
             mxc = mx[q0:q0 + np_]
             zp = z[q0:q0 + np_]                    # hard: the class indices
-            for k in range(C):                     # (2) exps and sums
-                cwk = one if cw is None else cw[k]
-                xk = x[xo + k * xcs + q0:xo + k * xcs + q0 + np_]
-                zr = zp if hard else z[zo + k * zcs + q0:zo + k * zcs + q0 + np_]
-                ek = e[k * CHUNK:k * CHUNK + np_]
-                wzk = wzs[k * CHUNK:k * CHUNK + np_]
-                for j in range(np_):
-                    zv = target(zr, k, j, inv, keep, shift)
-                    wz = cwk * zv
-                    ev, es, lw, tie, a = class_terms(xk[j], mxc[j], wz)
-                    ek[j] = ev
-                    wzk[j] = wz
-                    ties[j] += tie
-                    esb[j] = es
-                    lwb[j] = lw
-                    ab[j] = a
-                    if divergence:
-                        hb[j] = zero if wz == zero else wz * log(zv)
-                # The float64 sums in a loop of their own: mixed with the float32
-                # work above, LLVM vectorized all of it 8 wide (ymm) instead of
-                # 16 (W3 at 1 thread: 0.48 -> 0.55 Gelem/s). The same numbers.
-                for j in range(np_):
-                    s[j] += np.float64(esb[j]) * (_TWO_M64 if lwb[j] != zero else 1.0)
-                    W[j] += np.float64(wzk[j])
-                    A[j] += np.float64(ab[j])
-                    if divergence:
-                        H[j] += np.float64(hb[j])
+            for k in range(0, C - 1, 2):           # (2) exps and sums, in pairs
+                pair(x, xo, xcs, z, zo, zcs, zp, k, q0, np_, cw, mxc, e, wzs, inv, keep,
+                     shift, ties, esb, wzb, ab, hb, s, W, A, H)
+            if C % 2:
+                single(x, xo, xcs, z, zo, zcs, zp, C - 1, q0, np_, cw, mxc, e, wzs, inv, keep,
+                       shift, ties, esb, wzb, ab, hb, s, W, A, H)
             vc = valid[q0:q0 + np_]
             for j in range(np_):
                 v = True
@@ -185,13 +208,14 @@ def _tile(from_logits, divergence, hard, ftype):
                     bad = np.int32(bad + (v and nb[j] != zero))
                 count = np.int32(count + v)
                 loss64 = A[j] + H[j] if divergence else A[j]
-                rr = s[j] + (np.float64(ties[j]) - 1.0)
+                rr = s[j] * np.float64(unscale) + (np.float64(ties[j]) - 1.0)
+                lr, iu = M.log1p_pos_f64(rr)
                 if from_logits:
-                    loss64 += 0.0 if W[j] == 0.0 else W[j] * _log1p_pos(rr)
+                    loss64 += 0.0 if W[j] == 0.0 else W[j] * lr
                 wp = one if w is None else w[q0 + j]
                 lc[j] = np.float64(F(loss64) * wp) if v else 0.0
                 wf[j] = F(W[j])
-                isr[j] = F(1.0 / (1.0 + rr))
+                isr[j] = F(iu)
                 fac[j] = wp * fgs
             if l is not None:
                 for j in range(np_):

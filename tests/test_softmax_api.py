@@ -670,15 +670,27 @@ def test_numba_and_c_agree(dtype):
     assert ulp_close(la.grad, lb.grad, dtype, exp.grad_scale).all()
 
 
+BITWISE_OPTIONS = {"plain": {}, "class_weights": {"class_weights": "random"},
+                   "divergence": {"divergence": True}, "smoothing": {"label_smoothing": 0.1}}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
-def test_numba_and_c_gradients_bitwise(dtype):
-    # same algorithm in both (STYLE "Numba and C in lockstep"): the gradients
-    # are expected to be bitwise equal, not just within 4 ulp
+@pytest.mark.parametrize("C", [4, 21])          # even and odd: class pairs and the last one alone
+@pytest.mark.parametrize("option", BITWISE_OPTIONS)
+def test_numba_and_c_bitwise(dtype, C, option):
+    # same algorithm in both (STYLE "Numba and C in lockstep"): pixel losses
+    # and gradients are expected to be bitwise equal, not just within 4 ulp
     require_backend("numba")
     require_backend("c")
-    x, z = _parity_case(dtype)
-    a = smx(x, z, backend="numba")
-    b = smx(x, z, backend="c")
+    x, z = _parity_case(dtype, C)
+    x[0, 0, :3] = [-np.inf, np.inf, np.finfo(dtype).max]  # a class at -inf; a maximum at
+    x[1, :, 0] = np.inf                                    # +inf, alone and tied; a huge one
+    kw = dict(BITWISE_OPTIONS[option])
+    if "class_weights" in kw:
+        kw["class_weights"] = np.random.default_rng(C).random(C) + 0.25
+    a = smx(x, z, reduction="none", backend="numba", **kw)
+    b = smx(x, z, reduction="none", backend="c", **kw)
+    np.testing.assert_array_equal(a.loss, b.loss)
     np.testing.assert_array_equal(a.grad, b.grad)
 
 
