@@ -333,14 +333,43 @@ DEFINE_GATHER(gather8, uint64_t)
 DEFINE_SCATTER(scatter4, uint32_t)       /* gradients: float32 and float64 */
 DEFINE_SCATTER(scatter8, uint64_t)
 
+/* Class rows that a gather reads next, for its prefetch: at base + k * cs. */
+typedef struct { const char *base; int64_t cs; } row_set;
+
+/* Lines a gather prefetches ahead of its copy (16 KB): measured best of
+ * 64-512; the hardware prefetcher alone restarts at every row and 4 KB page
+ * (NCHW rows are a tile long), at about half the bandwidth. */
+#define PREFETCH_LINES 256
+#define COPY_BLOCK 16                /* lines copied per run of prefetches */
+
+/* Copy C rows of `bytes` (class strides scs, dbs), the 64-byte lines
+ * prefetched PREFETCH_LINES ahead along the rows, then along `next`. */
+static void copy_rows(char *dst, int64_t dbs, const char *src, int64_t scs, int64_t C,
+                      int64_t bytes, row_set next)
+{
+    const int64_t lines = bytes / 64;
+    int64_t pk = 0, pl = PREFETCH_LINES;     /* the line ahead: row pk, line pl */
+    for (; lines > 0 && pl >= lines; pl -= lines) pk++;
+    for (int64_t k = 0; k < C; k++) {
+        for (int64_t b = 0; b < bytes; b += COPY_BLOCK * 64) {
+            for (int64_t i = b / 64; i < lines && i < b / 64 + COPY_BLOCK; i++) {
+                if (pk < C) PREFETCH(src + pk * scs + pl * 64);
+                else if (next.base && pk < 2 * C) PREFETCH(next.base + (pk - C) * next.cs + pl * 64);
+                if (++pl == lines) { pl = 0; pk++; }
+            }
+            const int64_t m = bytes - b < COPY_BLOCK * 64 ? bytes - b : COPY_BLOCK * 64;
+            memcpy(dst + k * dbs + b, src + k * scs + b, (size_t)m);
+        }
+    }
+}
+
 static void gather_classes(const char *base, int64_t off, int64_t ps, int64_t cs, int64_t n,
                            int64_t C, int64_t item, int64_t size, int code, char *buf,
-                           int64_t bs)
+                           int64_t bs, row_set next)
 {
     const char *src = base + off * item;
     if (ps == 1 && !code) {         /* contiguous rows */
-        for (int64_t k = 0; k < C; k++)
-            memcpy(buf + k * bs * item, src + k * cs * item, (size_t)(n * item));
+        copy_rows(buf, bs * item, src, cs * item, C, n * item, next);
         return;
     }
     if (code) {                     /* converting: class row by class row */
@@ -360,6 +389,11 @@ static void scatter_classes(char *base, int64_t off, int64_t ps, int64_t cs, int
                             int64_t C, int64_t item, const char *buf, int64_t bs)
 {
     char *dst = base + off * item;
+    if (ps == 1) {                  /* contiguous rows: row by row, not interleaved */
+        for (int64_t k = 0; k < C; k++)
+            memcpy(dst + k * cs * item, buf + k * bs * item, (size_t)(n * item));
+        return;
+    }
     switch (item) {
     case 4: scatter4((uint32_t *)dst, ps, cs, n, C, (const uint32_t *)buf, bs); break;
     default: scatter8((uint64_t *)dst, ps, cs, n, C, (const uint64_t *)buf, bs); break;
@@ -409,11 +443,13 @@ typedef struct {
     uint8_t *valid;
 } softmax_scratch;
 
-/* Whether a class-shaped input is read through the gather buffer: when its
- * pixels are strided (NHWC), when it needs converting, or when its class
- * stride is a whole number of pages (NCHW maps of 2^k pixels): a pixel's
- * classes then all fall in the same cache sets and evict each other before
- * the tile is done with them. */
+/* Whether a class-shaped operand goes through a [C][tile] buffer (gathered
+ * in, or for the gradient copied out): when its pixels are strided (NHWC),
+ * when it needs converting, or when its class stride is a whole number of
+ * pages (NCHW maps of 2^k pixels): a pixel's classes then all fall in the
+ * same cache sets and evict each other before the tile is done with them
+ * (and the gradient's rows, written 16 pixels at a time, run at half the
+ * bandwidth of its whole rows copied out). */
 static int gathered(const softmax_walk *k, int s)
 {
     const int nd = k->ndim;
@@ -430,7 +466,7 @@ static void *softmax_scratch_alloc(const void *ctx)
     if (k->base[SX] && gathered(k, SX)) ct[0] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->size[SX]);
     if (k->base[ST] && !k->hard && gathered(k, ST))
         ct[1] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->size[ST]);
-    if (k->base[SG] && k->strides[SG * nd + nd - 1] != 1)
+    if (k->base[SG] && gathered(k, SG))
         ct[2] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->size[SG]);
     const size_t t = (size_t)k->tsz * 8, ce = (size_t)(k->C * CHUNK) * 16;
     softmax_scratch *sc = malloc(sizeof *sc + ct[0] + ct[1] + ct[2] + ce
@@ -454,7 +490,7 @@ static void *softmax_scratch_alloc(const void *ctx)
  * pixels are contiguous and native, else gathered (converted if needed) into
  * the [C][BUF_STRIDE] buf; *cs is its class stride. */
 static const char *class_input(const softmax_walk *k, int s, int64_t off, int64_t n, char *buf,
-                               int64_t *cs)
+                               int64_t *cs, row_set next)
 {
     const int64_t ps = k->strides[s * k->ndim + k->ndim - 1], bs = BUF_STRIDE(k->tsz);
     if (!gathered(k, s)) {
@@ -462,9 +498,23 @@ static const char *class_input(const softmax_walk *k, int s, int64_t off, int64_
         return k->base[s] + off * k->item[s];
     }
     gather_classes(k->base[s], off, ps, k->cstrides[s], n, k->C, k->item[s], k->size[s],
-                   k->p->convert[s], buf, bs);
+                   k->p->convert[s], buf, bs, next);
     *cs = bs;
     return buf;
+}
+
+/* Slot s's tile at element offset off as a gather copies it row by row
+ * (for the prefetch of the gather before it), or nothing. */
+static row_set copied_rows(const softmax_walk *k, int s, int64_t off)
+{
+    const int nd = k->ndim;
+    row_set r = {NULL, 0};
+    if (k->base[s] && !(s == ST && k->hard) && gathered(k, s) && !k->p->convert[s]
+        && k->strides[s * nd + nd - 1] == 1) {
+        r.base = k->base[s] + off * k->item[s];
+        r.cs = k->cstrides[s] * k->item[s];
+    }
+    return r;
 }
 
 FASTSCE_CLONES static double block_sum(const double *buf, int64_t n)
@@ -497,14 +547,22 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
         a.n = n; a.C = C; a.p = k->p; a.cw = k->cw;
         a.gs = k->gscale[grp];
         a.e = sc->e; a.mx = sc->mx; a.nbad = sc->nbad; a.valid = sc->valid; a.lbuf = sc->lbuf + (i - start);
-        a.x = class_input(k, SX, off[SX], n, sc->xs, &a.xcs);
+        /* the gathers prefetch ahead: x, then z, then the next tile's x */
+        row_set next_x = {NULL, 0};
+        if (i + n < stop) {
+            int64_t off2[FASTSCE_NSLOTS], row2 = (i + n) / inner;
+            row_offsets(nd, k->shape, st, FASTSCE_NSLOTS, row2, i + n - row2 * inner, off2);
+            next_x = copied_rows(k, SX, off2[SX]);
+        }
+        row_set after_x = copied_rows(k, ST, off[ST]);
+        a.x = class_input(k, SX, off[SX], n, sc->xs, &a.xcs, after_x.base ? after_x : next_x);
         if (k->hard)
             a.z = input_row(sc->row[ST], k->base[ST] + off[ST] * k->item[ST], PSTRIDE(ST), n,
                             k->item[ST], k->size[ST], k->p->convert[ST]);
         else
-            a.z = class_input(k, ST, off[ST], n, sc->zs, &a.zcs);
+            a.z = class_input(k, ST, off[ST], n, sc->zs, &a.zcs, next_x);
         if (k->base[SG]) {
-            if (PSTRIDE(SG) == 1) { a.g = (char *)k->base[SG] + off[SG] * k->item[SG]; a.gcs = cst[SG]; }
+            if (!gathered(k, SG)) { a.g = (char *)k->base[SG] + off[SG] * k->item[SG]; a.gcs = cst[SG]; }
             else { a.g = sc->gs; a.gcs = bs; }
         }
         for (int s = SW; s <= SM; s++) {            /* pixel-shaped inputs */
@@ -516,7 +574,7 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
         if (k->base[SL])
             a.l = PSTRIDE(SL) == 1 ? (char *)k->base[SL] + off[SL] * k->item[SL] : sc->row[SL];
         tile_sums r = k->tile(&a);
-        if (k->base[SG] && PSTRIDE(SG) != 1)
+        if (k->base[SG] && gathered(k, SG))
             scatter_classes((char *)k->base[SG], off[SG], PSTRIDE(SG), cst[SG], n, C, k->item[SG], sc->gs, bs);
         if (k->base[SL] && PSTRIDE(SL) != 1)
             move_row((char *)k->base[SL] + off[SL] * k->item[SL], sc->row[SL], PSTRIDE(SL), 1, n, k->item[SL]);

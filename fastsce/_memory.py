@@ -18,10 +18,12 @@ PROBE_FROM = 1 << 26
 #: Either fast kernel's softmax scratch per thread (C) or block (Numba), at
 #: most: per class, three [C][tile + BUF_PAD] gather buffers of 8-byte values
 #: (logits, soft targets, gradient) and the chunk arrays (C: CHUNK 16 x 16
-#: bytes; Numba: 2 x CHUNK 64 x 8 bytes); per pixel of a tile, len(SLOTS) + 4
-#: rows of 8 bytes; and a BLOCK of float64 losses plus small fixed arrays.
+#: bytes; Numba: 2 x CHUNK 512 x 8 bytes); per pixel of a tile, len(SLOTS) + 4
+#: rows of 8 bytes; and a BLOCK of float64 losses, Numba's 13 per-pixel chunk
+#: arrays (CHUNK x 8 bytes) and small fixed arrays.
 #: tests/test_memory.py checks the constants against both kernels'.
-GATHER_BUFFERS, CHUNK_BYTES, FIXED_BYTES = 3, 2 * 64 * 8, BLOCK * 8 + 8192
+GATHER_BUFFERS, CHUNK_BYTES = 3, 2 * 512 * 8
+FIXED_BYTES = BLOCK * 8 + 13 * 512 * 8 + 8192
 
 
 def human(nbytes):

@@ -18,6 +18,7 @@ import pathlib
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 
@@ -98,6 +99,54 @@ def fma(typingctx, a, b, c):
 
 
 fma._set_uuid(f"fastsce:{_SOURCE_DIGEST}:fma")  # stable, as `jit` (cache keys)
+
+
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """A read prefetch of arr[idx] into every cache level (llvm.prefetch, as
+    C's __builtin_prefetch(p, 0, 3)). No bounds check: a prefetch never faults."""
+    if not (isinstance(arr, types.Array) and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        index = context.cast(builder, args[1], signature.args[1], types.intp)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(builder.gep(ary.data, [index]), i8p),
+                          i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, idx), codegen
+
+
+prefetch._set_uuid(f"fastsce:{_SOURCE_DIGEST}:prefetch")  # stable, as `jit` (cache keys)
+
+
+@intrinsic
+def copy_elements(typingctx, dst, doff, src, soff, n):
+    """dst[doff:doff + n] = src[soff:soff + n] by memcpy (llvm.memcpy), as C's
+    row copies: for rows of kilobytes libc's copy beats a loop of stores
+    (x86: its string moves write whole lines without reading them first).
+    No bounds check: the caller's slices are in range."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array)
+            and dst.dtype == src.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        d = context.make_array(signature.args[0])(context, builder, args[0])
+        s = context.make_array(signature.args[2])(context, builder, args[2])
+        idx = [context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 4)]
+        size = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
+        cgutils.raw_memcpy(builder, builder.gep(d.data, [idx[0]]), builder.gep(s.data, [idx[1]]),
+                           idx[2], size)
+        return context.get_dummy_value()
+
+    return types.void(dst, doff, src, soff, n), codegen
+
+
+copy_elements._set_uuid(f"fastsce:{_SOURCE_DIGEST}:copy_elements")  # stable, as `jit`
 
 # ---------------------------------------------------------------- float32
 

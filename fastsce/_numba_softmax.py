@@ -30,7 +30,7 @@ import numpy as np
 from numba import prange
 
 from . import _numba_math as M
-from ._numba_math import jit
+from ._numba_math import copy_elements, jit, prefetch
 from ._layout import BUF_PAD
 from ._numba_convert import convert
 from ._numba_kernels import (_ACC, _EXACT, _EXP_CLASS, _MATH, _OPTS, _absent, _by_type, _out,
@@ -38,9 +38,30 @@ from ._numba_kernels import (_ACC, _EXACT, _EXP_CLASS, _MATH, _OPTS, _absent, _b
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
 #: Pixels per chunk. The C twin uses 16 and keeps the per-pixel sums in
-#: registers; here they live in small arrays, and longer chunks amortize the
-#: loop set-up. Nothing computed depends on it.
-CHUNK = 64
+#: registers; here they live in arrays, and long chunks amortize the per-class
+#: slices and calls (in-cache tile, 1 thread: 64 -> 512 pixels, 1.07 -> 1.47
+#: Gelem/s; C = 150 no slower). Nothing computed depends on it.
+CHUNK = 512
+
+
+# Step (4) in a function of its own, not inlined: inside `tile`, LLVM left
+# the loop scalar (W3 at 1 thread: ~20% of the time). Module-level: a closure
+# per kernel variant was called from the wrong variant once another had run.
+@jit(fastmath=False, **_OPTS)
+def _gradient(g, go, gcs, np_, C, e, wzs, wf, isr, fac, ok, floor, from_logits):
+    """(4): the chunk's gradient rows from g[go] on."""
+    zero = g.dtype.type(0.0)
+    for k in range(C):
+        gk = g[go + k * gcs:go + k * gcs + np_]
+        ek = e[k * CHUNK:k * CHUNK + np_]
+        wzk = wzs[k * CHUNK:k * CHUNK + np_]
+        for j in range(np_):
+            if from_logits:
+                gv = (wf[j] * (ek[j] * isr[j]) - wzk[j]) * fac[j]
+            else:
+                den = ek[j] if ek[j] > floor else floor
+                gv = (-wzk[j] / den) * fac[j]
+            gk[j] = gv if ok[j] != zero else zero
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,30 +242,53 @@ def _tile(from_logits, divergence, hard, ftype):
                 for j in range(np_):
                     l[q0 + j] = F(lc[j])
             if g is not None:                      # (4) gradient
-                for k in range(C):
-                    gk = g[go + k * gcs + q0:go + k * gcs + q0 + np_]
-                    ek = e[k * CHUNK:k * CHUNK + np_]
-                    wzk = wzs[k * CHUNK:k * CHUNK + np_]
-                    for j in range(np_):
-                        if from_logits:
-                            gv = (wf[j] * (ek[j] * isr[j]) - wzk[j]) * fac[j]
-                        else:
-                            den = ek[j] if ek[j] > floor else floor
-                            gv = (-wzk[j] / den) * fac[j]
-                        gk[j] = gv if ok[j] != zero else zero
+                _gradient(g, go + q0, gcs, np_, C, e, wzs, wf, isr, fac, ok, floor, from_logits)
         return count, bad
 
     return tile
 
 
+#: Lines a gather prefetches ahead of its copy (as csrc/softmax_ce.c).
+PREFETCH_LINES = 256
+#: Lines copied per run of prefetches.
+COPY_BLOCK = 16
+
+
 @jit(**_OPTS)
-def _gather_classes(flat, off, pstride, cstride, n, C, buf, bs):
+def _copy_rows(flat, off, cstride, n, C, buf, bs, nxt, noff, ncs):
+    """C rows of n elements (class stride cstride) into buf (class stride bs),
+    the 64-byte lines prefetched PREFETCH_LINES ahead along the rows, then
+    along nxt's rows at noff (none if noff < 0): csrc/softmax_ce.c copy_rows."""
+    per = 64 // flat.itemsize
+    nper = 64 // nxt.itemsize
+    lines = n // per
+    pk, pl = 0, PREFETCH_LINES                 # the line ahead: row pk, line pl
+    while lines > 0 and pl >= lines:
+        pl -= lines
+        pk += 1
+    for k in range(C):
+        row = flat[off + k * cstride:off + k * cstride + n]
+        dst = buf[k * bs:k * bs + n]
+        for b in range(0, n, COPY_BLOCK * per):
+            for _ in range(min(COPY_BLOCK, lines - b // per)):
+                if pk < C:
+                    prefetch(flat, off + pk * cstride + pl * per)
+                elif noff >= 0 and pk < 2 * C:
+                    prefetch(nxt, noff + (pk - C) * ncs + pl * nper)
+                pl += 1
+                if pl == lines:
+                    pl = 0
+                    pk += 1
+            seg = row[b:min(b + COPY_BLOCK * per, n)]
+            dseg = dst[b:b + seg.size]
+            for p in range(seg.size):
+                dseg[p] = seg[p]
+
+
+@jit(**_OPTS)
+def _gather_classes(flat, off, pstride, cstride, n, C, buf, bs, nxt, noff, ncs):
     if pstride == 1:                # contiguous rows
-        for k in range(C):
-            row = flat[off + k * cstride:off + k * cstride + n]
-            dst = buf[k * bs:k * bs + n]
-            for p in range(n):
-                dst[p] = row[p]
+        _copy_rows(flat, off, cstride, n, C, buf, bs, nxt, noff, ncs)
         return
     for p in range(n):
         for k in range(C):
@@ -260,12 +304,13 @@ def _convert_classes(flat, off, pstride, cstride, n, C, buf, bs, code):
 def _tile_present(a, *args):
     """A tile of a class-shaped input as (array, offset, class stride): in place
     unless `gather` (see `_gathered`), else gathered (converted if `code`) into
-    the [C][bs] buffer."""
-    off, pstride, cstride, n, C, buf, bs, code, gather = args
+    the [C][bs] buffer; a row-by-row gather prefetches on into the rows read
+    next, nxt's at noff (class stride ncs; none if noff < 0)."""
+    off, pstride, cstride, n, C, buf, bs, code, gather, nxt, noff, ncs = args
     if code == 0:
         if not gather:
             return a, off, cstride
-        _gather_classes(a, off, pstride, cstride, n, C, buf, bs)
+        _gather_classes(a, off, pstride, cstride, n, C, buf, bs, nxt, noff, ncs)
     else:
         _convert_classes(a, off, pstride, cstride, n, C, buf, bs, code)
     return buf, 0, bs
@@ -273,7 +318,7 @@ def _tile_present(a, *args):
 
 def _tile_half(a, *args):
     """float16 bits: always converted."""
-    off, pstride, cstride, n, C, buf, bs, code, gather = args
+    off, pstride, cstride, n, C, buf, bs, code, gather, nxt, noff, ncs = args
     _convert_classes(a, off, pstride, cstride, n, C, buf, bs, code)
     return buf, 0, bs
 
@@ -283,15 +328,20 @@ _tile_view = _by_type(_tile_present, _absent, _tile_half)
 
 @jit(**_OPTS)
 def _gathered(pstride, code, cstride_bytes):
-    """Whether a class-shaped input is read through the gather buffer (C:
-    gathered()): pixels strided (NHWC), converting, or a class stride of whole
-    pages (NCHW maps of 2^k pixels), whose rows would all fall in the same
-    cache sets and evict each other before the tile is done with them."""
+    """Whether a class-shaped operand goes through a [C][tile] buffer,
+    gathered in or (the gradient) copied out (C: gathered()): pixels strided
+    (NHWC), converting, or a class stride of whole pages (NCHW maps of 2^k
+    pixels), whose rows would all fall in the same cache sets and evict each
+    other before the tile is done with them."""
     return pstride != 1 or code != 0 or cstride_bytes % 4096 == 0
 
 
 @jit(**_OPTS)
 def _scatter_classes(flat, off, pstride, cstride, n, C, buf, bs):
+    if pstride == 1:                # contiguous rows: row by row, not interleaved
+        for k in range(C):
+            copy_elements(flat, off + k * cstride, buf, k * bs, n)
+        return
     for p in range(n):
         for k in range(C):
             flat[off + k * cstride + p * pstride] = buf[k * bs + p]
@@ -337,12 +387,18 @@ def _driver(from_logits, divergence, hard, ftype):
         x_gathered = _gathered(strides[0, ndim - 1], codes[0], cstrides[0] * x.itemsize)
         z_gathered = not hard and _gathered(strides[1, ndim - 1], codes[1],
                                             cstrides[1] * z.itemsize)
+        # copied row by row (and prefetched: x, then z, then the next tile's x)
+        x_rows = x_gathered and codes[0] == 0 and strides[0, ndim - 1] == 1
+        z_rows = z_gathered and codes[1] == 0 and strides[1, ndim - 1] == 1
+        # the gradient through a buffer too when its rows would collide in cache
+        g_buffered = g is not None and _gathered(strides[5, ndim - 1], 0,
+                                                 cstrides[5] * g.itemsize)
         for b in prange(part_loss.size):
             grp, start, stop = block_range(b, group_size)
             xs = _scratch(x, C * bs if x_gathered else 0, F)
             zs = _scratch(z, C * bs if z_gathered else 0, np.float32)  # float16: as float32
             zp = _scratch(z, tsz if hard else 0, np.float32)
-            gb = _scratch(g, C * bs if strides[5, ndim - 1] != 1 else 0, F)
+            gb = _scratch(g, C * bs if g_buffered else 0, F)
             wb = _scratch(w, tsz, F)
             mb = _scratch(m, tsz, F)
             lb = _scratch(l, tsz, F)
@@ -363,15 +419,22 @@ def _driver(from_logits, divergence, hard, ftype):
                 off, col = row_offsets(shape, offsets, strides, i)
                 n = min(inner - col, stop - i, tsz)
                 # class-shaped inputs: in place, or gathered (see _gathered)
-                xa, xo, xcs = _tile_view(x, off[0], strides[0, ndim - 1], cstrides[0], n, C,
-                                         xs, bs, codes[0], x_gathered)
+                nxo = -1                       # the next tile's x rows
+                if x_rows and i + n < stop:
+                    nxo = row_offsets(shape, offsets, strides, i + n)[0][0]
+                if z_rows:
+                    xa, xo, xcs = _tile_view(x, off[0], strides[0, ndim - 1], cstrides[0], n, C,
+                                             xs, bs, codes[0], x_gathered, z, off[1], cstrides[1])
+                else:
+                    xa, xo, xcs = _tile_view(x, off[0], strides[0, ndim - 1], cstrides[0], n, C,
+                                             xs, bs, codes[0], x_gathered, x, nxo, cstrides[0])
                 if hard:
                     za, zo, zcs = _view(z, off[1], strides[1, ndim - 1], n, zp, codes[1]), 0, 0
                 else:
                     za, zo, zcs = _tile_view(z, off[1], strides[1, ndim - 1], cstrides[1], n, C,
-                                             zs, bs, codes[1], z_gathered)
+                                             zs, bs, codes[1], z_gathered, x, nxo, cstrides[0])
                 ga, go, gcs = g, off[5], cstrides[5]
-                if g is not None and strides[5, ndim - 1] != 1:
+                if g_buffered:
                     ga, go, gcs = gb, 0, bs
                 wv = _view(w, off[2], strides[2, ndim - 1], n, wb, codes[2])
                 mv = _view(m, off[3], strides[3, ndim - 1], n, mb, codes[3])
@@ -379,7 +442,7 @@ def _driver(from_logits, divergence, hard, ftype):
                 c, bd = tile(xa, xo, xcs, za, zo, zcs, wv, mv, ga, go, gcs, lv, n, C, cw,
                              scale, eps, ignore, gscale[grp], sc, valid,
                              lbuf[i - start:i - start + n])
-                if g is not None and strides[5, ndim - 1] != 1:
+                if g_buffered:
                     _scatter_classes(g, off[5], strides[5, ndim - 1], cstrides[5], n, C, gb, bs)
                 _scatter(l, off[6], strides[6, ndim - 1], n, lb)
                 if bd and first < 0:

@@ -92,7 +92,7 @@ HUGE = 2**40  # elements of zero-stride views: nothing is really allocated
 
 def test_softmax_scratch_bound_uses_both_kernels_constants():
     """fastsce._memory bounds either kernel's softmax scratch from their constants."""
-    from fastsce import _memory, _numba_softmax
+    from fastsce import _layout, _memory, _numba_softmax
     with open(os.path.join(os.path.dirname(fastsce.__file__), "..", "csrc",
                            "softmax_ce.c")) as f:
         source = f.read()
@@ -100,6 +100,7 @@ def test_softmax_scratch_bound_uses_both_kernels_constants():
     c_pad = int(source.split("#define BUF_STRIDE(tsz) ((tsz) + ")[1].split(")")[0])
     assert _memory.BUF_PAD == _numba_softmax.BUF_PAD == c_pad
     assert _memory.CHUNK_BYTES >= max(2 * _numba_softmax.CHUNK * 8, c_chunk * 16)
+    assert _memory.FIXED_BYTES >= _layout.BLOCK * 8 + 13 * _numba_softmax.CHUNK * 8
 
 
 @pytest.mark.parametrize("what", ["gradient", "loss map", "softmax scratch"])
