@@ -35,6 +35,12 @@ def jit(key="", **options):
     dispatcher here gets a UUID from its module, name and variant `key`.
     """
     def wrap(fn):
+        if key:
+            # Numba names a function's machine code by qualname and a counter
+            # that restarts in each process: two variants of one factory could
+            # share a symbol, and a kernel from the disk cache then called the
+            # other variant's code (wrong gradients, seen). The key is in the name.
+            fn.__qualname__ = f"{fn.__qualname__}[{key}]"
         dispatcher = njit(**options)(fn)
         dispatcher._set_uuid(f"fastsce:{_SOURCE_DIGEST}:{fn.__module__}.{fn.__qualname__}:{key}")
         return dispatcher

@@ -38,3 +38,20 @@ def test_helper_edit_changes_every_id(tmp_path, edited):
     after = _ids(tmp_path)
     assert before[0] != after[0]
     assert before[1] != after[1] and after[0] in after[1]
+
+
+def test_kernel_variants_get_their_own_code_names():
+    # Numba names machine code by qualname plus a per-process counter; variants
+    # of one factory sharing a qualname could share a symbol, and a kernel
+    # loaded from the disk cache then ran the other variant's code (a softmax
+    # gradient of probabilities came out as the logits' one). `jit` puts the
+    # variant key in the name.
+    import numpy as np
+    from fastsce import _numba_kernels, _numba_softmax
+    tiles = [_numba_softmax._tile(fl, dv, False, np.float32)
+             for fl in (True, False) for dv in (True, False)]
+    drivers = [_numba_softmax._driver(fl, False, False, np.float32) for fl in (True, False)]
+    segments = [_numba_kernels._segment(fl, False, np.float32) for fl in (True, False)]
+    for group in (tiles, drivers, segments):
+        names = [d.py_func.__qualname__ for d in group]
+        assert len(set(names)) == len(names), names
