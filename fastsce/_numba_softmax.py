@@ -4,19 +4,23 @@ Design
 ------
 * Pixels are walked like the binary loss's elements (`_layout`, C order over
   the pixel shape); the class axis is a stride. Rows are cut into tiles of
-  `softmax_tile(C)` pixels. A tile whose pixels are not contiguous (NHWC) is
-  gathered into a [C][tile + 16] scratch first (the extra cache line keeps a
-  pixel's classes out of one cache set), so every layout runs the same
-  class-outer, pixel-inner loops: they vectorize across pixels, and NCHW and
-  NHWC give bitwise the same numbers. A float16 or byte-swapped input is
-  gathered whatever its layout, converting (`_numba_convert`).
+  `softmax_tile(C)` pixels. A tile whose pixels are not contiguous (NHWC), or
+  whose class rows would collide in cache (NCHW maps of 2^k pixels, see
+  `_gathered`), is gathered into a [C][tile + 16] scratch first (the extra
+  cache line keeps a pixel's classes out of one cache set; row-by-row gathers
+  prefetch ahead), and its gradient written there and copied out; so every
+  layout runs the same class-outer, pixel-inner loops: they vectorize across
+  pixels, and NCHW and NHWC give bitwise the same numbers. A float16 or
+  byte-swapped input is gathered whatever its layout, converting
+  (`_numba_convert`).
 * Per tile: (1) stream whole class rows once for the per-pixel maximum and
   the count of out-of-range soft targets (this also brings the tile into
   cache). Then per chunk of pixels, with its per-pixel sums kept close:
   (2) exp(x - m) (the rounding of x - m put back, TwoSum), stored with w z
   for (4), and float64 sums r = sum of the exps of the classes below the
   maximum (the maxima's exps are exactly 1 and are counted), W = sum w z,
-  A = sum w z (m - x); (3) the pixel loss A + W log1p(r), every term
+  A = sum w z (m - x), classes in pairs (a pair's terms added in the compute
+  type first); (3) the pixel loss A + W log1p(r), every term
   non-negative, so full relative precision even for a dominant class;
   (4) the gradient W e / (1 + r) - w z. Each logit and target is read from
   memory once and each gradient element written once.
