@@ -39,8 +39,10 @@ def jit(key="", **options):
             # Numba names a function's machine code by qualname and a counter
             # that restarts in each process: two variants of one factory could
             # share a symbol, and a kernel from the disk cache then called the
-            # other variant's code (wrong gradients, seen). The key is in the name.
-            fn.__qualname__ = f"{fn.__qualname__}[{key}]"
+            # other variant's code (wrong gradients, seen). A digest of the key
+            # goes in the name (the key itself can be too long for the cache's
+            # file names).
+            fn.__qualname__ += "_" + hashlib.sha256(key.encode()).hexdigest()[:12]
         dispatcher = njit(**options)(fn)
         dispatcher._set_uuid(f"fastsce:{_SOURCE_DIGEST}:{fn.__module__}.{fn.__qualname__}:{key}")
         return dispatcher
