@@ -241,4 +241,14 @@ MATH_INLINE double log_f64(double u)
     return u < 0.0 ? NAN : r;
 }
 
+/* log1p(r) for r >= 0 (and +inf, NaN): log(u) of u = 1 + r, the rounding of
+ * 1 + r put back as (r - (u - 1)) / u (fdlibm's log1p); *inv = 1 / u, which
+ * the softmax's gradient needs too. */
+MATH_INLINE double log1p_pos_f64(double r, double *inv)
+{
+    double u = 1.0 + r;
+    *inv = 1.0 / u;
+    return log_f64(u) + (u < INFINITY ? (r - (u - 1.0)) * *inv : 0.0);
+}
+
 #endif

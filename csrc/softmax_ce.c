@@ -73,20 +73,6 @@ typedef tile_sums (*tile_fn)(const tile_args *);
 #define IS_HARD_uint16_t 0
 #define IS_HARD(T) IS_HARD_##T
 
-/* log1p(r) for r >= 0 (and +inf, NaN) in float64 by one reduction of u = 1 + r,
- * the rounding of 1 + r put back as (r - (u - 1)) / u (fdlibm's log1p);
- * *inv = 1 / u, which the gradient needs too. */
-MATH_INLINE double log1p_pos_f64(double r, double *inv)
-{
-    double u = 1.0 + r;
-    uint64_t ix = (uint64_t)f64_bits(u) + ((uint64_t)(0x3FF00000u - 0x3FE6A09Eu) << 32);
-    int64_t k = (int64_t)(ix >> 52) - 1023;
-    ix = (ix & 0x000FFFFFFFFFFFFFull) + ((uint64_t)0x3FE6A09Eu << 32);
-    *inv = 1.0 / u;
-    double res = log_reduced_f64(bits_f64((int64_t)ix) - 1.0, (double)k)
-                 + (r - (u - 1.0)) * *inv;
-    return u < INFINITY ? res : u;
-}
 /* One class of one pixel in step (2): returns e = exp(x - m) for the
  * gradient; *es is what the sum r adds (e 2^S, 0 for a maximum: its exp is
  * exactly 1 and counted in *tie instead), *at = w z (m - x). Probabilities:
@@ -122,33 +108,40 @@ ALWAYS_INLINE X target_##XN##_##TN(const T *z, int64_t zcs, int64_t k, int64_t p
     if (IS_HARD(T)) return (z[p] == (T)k ? keep : (X)0) + shift;                       \
     return (X)z[k * zcs + p] * inv * keep + shift;                                     \
 }                                                                                      \
-/* Step (2) for class k, and k + 1 if `two`, of pixels q0 .. q0+np-1: stores  \
- * e and w z for (4) and adds to the per-pixel sums. */                              \
+/* Class k of pixel j in step (2): stores e and w z for (4) (rows of CHUNK);           \
+ * returns w z and the sums' terms (es, tie, at, and w z log z for the                 \
+ * divergence). */                                                                     \
+ALWAYS_INLINE X one_##XN##_##TN(const X *x, int64_t xcs, const T *z, int64_t zcs,      \
+        X *e, X *wzs, int64_t k, int64_t j, X cwk, X mxj, X inv, X keep, X shift,      \
+        X *es, X *tie, X *at, X *h, int from_logits, int divergence)                   \
+{                                                                                      \
+    X zv = target_##XN##_##TN(z, zcs, k, j, inv, keep, shift), wz = cwk * zv;          \
+    e[k * CHUNK + j] = class_##XN(x[k * xcs + j], mxj, wz, from_logits, es, tie, at);  \
+    wzs[k * CHUNK + j] = wz;                                                           \
+    *h = divergence && wz != (X)0 ? wz * log_##XN(zv) : (X)0;                          \
+    return wz;                                                                         \
+}                                                                                      \
+/* Step (2) for class k, and k + 1 if `two`, of pixels q0 .. q0+np-1; a pair's         \
+ * terms (non-negative) are added in X, one rounding, then to the float64              \
+ * sums: half the converts. */                                                         \
 ALWAYS_INLINE void classes_##XN##_##TN(const tile_args *a, const X *x, const T *z,     \
         int64_t k, int two, int64_t q0, int64_t np, double *s, double *W, double *A,   \
-        double *H, X *ties, int from_logits, int divergence)                          \
+        double *H, X *ties, int from_logits, int divergence)                           \
 {                                                                                      \
     const X *cw = (const X *)a->cw, *mx = (const X *)a->mx + q0;                       \
     X *e = (X *)a->e, *wzs = e + a->C * CHUNK;                                         \
-    const int64_t xcs = a->xcs, zcs = a->zcs, k1 = two ? k + 1 : k;                    \
+    const int64_t xcs = a->xcs, zcs = a->zcs;                                          \
     const fastsce_params *p = a->p;                                                    \
     const X inv = (X)(1.0 / p->scale), keep = (X)(1.0 - p->eps);                       \
     const X shift = (X)(p->eps / (double)a->C);                                        \
-    const X cw0 = cw ? cw[k] : (X)1, cw1 = cw ? cw[k1] : (X)1;                         \
+    const X cw0 = cw ? cw[k] : (X)1, cw1 = cw && two ? cw[k + 1] : (X)1;               \
     SIMD for (int64_t j = 0; j < np; j++) {                                            \
-        X z0 = target_##XN##_##TN(z, zcs, k, j, inv, keep, shift), wz0 = cw0 * z0;     \
-        X es0, t0, a0, es1 = (X)0, t1 = (X)0, a1 = (X)0, wz1 = (X)0, h1 = (X)0;        \
-        e[k * CHUNK + j] = class_##XN(x[k * xcs + j], mx[j], wz0, from_logits, &es0, &t0, &a0); \
-        wzs[k * CHUNK + j] = wz0;                                                      \
-        X h0 = divergence && wz0 != (X)0 ? wz0 * log_##XN(z0) : (X)0;                  \
-        if (two) {                                                                     \
-            X z1 = target_##XN##_##TN(z, zcs, k1, j, inv, keep, shift);                \
-            wz1 = cw1 * z1;                                                            \
-            e[k1 * CHUNK + j] = class_##XN(x[k1 * xcs + j], mx[j], wz1, from_logits,   \
-                                           &es1, &t1, &a1);                            \
-            wzs[k1 * CHUNK + j] = wz1;                                                 \
-            h1 = divergence && wz1 != (X)0 ? wz1 * log_##XN(z1) : (X)0;                \
-        }                                                                              \
+        X es0, t0, a0, h0, es1 = (X)0, t1 = (X)0, a1 = (X)0, h1 = (X)0, wz1 = (X)0;    \
+        X wz0 = one_##XN##_##TN(x, xcs, z, zcs, e, wzs, k, j, cw0, mx[j], inv, keep,   \
+                                shift, &es0, &t0, &a0, &h0, from_logits, divergence);  \
+        if (two)                                                                       \
+            wz1 = one_##XN##_##TN(x, xcs, z, zcs, e, wzs, k + 1, j, cw1, mx[j], inv,   \
+                                  keep, shift, &es1, &t1, &a1, &h1, from_logits, divergence); \
         s[j] += (double)(es0 + es1);                                                   \
         W[j] += (double)(wz0 + wz1);                                                   \
         A[j] += (double)(a0 + a1);                                                     \
@@ -178,22 +171,22 @@ ALWAYS_INLINE tile_sums chunk_##XN##_##TN(const tile_args *a, int64_t q0, int64_
         s[j] = W[j] = A[j] = H[j] = 0.0;                                               \
         ties[j] = (X)0;                                                                \
     }                                                                                  \
-    /* (2) exps and sums, classes in pairs: a pair's terms (non-negative) are  */ \
-    /* added in X, one rounding, then to the float64 sums: half the converts   */ \
-    for (int64_t k = 0; k + 1 < C; k += 2)                                             \
+    for (int64_t k = 0; k + 1 < C; k += 2)             /* (2) exps and sums */        \
         classes_##XN##_##TN(a, x, z, k, 1, q0, np, s, W, A, H, ties, from_logits, divergence); \
     if (C & 1)                                                                         \
         classes_##XN##_##TN(a, x, z, C - 1, 0, q0, np, s, W, A, H, ties, from_logits, divergence); \
     X fac[CHUNK], wf[CHUNK], is[CHUNK], ok[CHUNK], wt[CHUNK];                          \
     int64_t count = 0, bad = 0;                                                        \
-    for (int64_t j = 0; j < np; j++) {       /* apart: byte loads would widen the */   \
-        int v = m ? m[j] != 0 : 1;           /* vectors of the loop below past np; */  \
+    /* Apart from (3): byte loads would widen its vectors past np, and there      */ \
+    /* GCC read `w ? w[j] : 1` by a masked load, all-off if w is NULL: an assist,  */ \
+    /* 15% of W3's time.                                                           */ \
+    for (int64_t j = 0; j < np; j++) {                                                 \
+        int v = m ? m[j] != 0 : 1;                                                     \
         if (IS_HARD(T) && p->has_ignore) v = v && z[j] != (T)p->ignore;                \
         ok[j] = v ? (X)1 : (X)0;                                                       \
         valid[j] = (uint8_t)v;                                                         \
-        wt[j] = w ? w[q0 + j] : (X)1;        /* and in a vector loop, GCC reads w  */  \
-    }                                        /* by a masked load, all-off if NULL: */  \
-                                             /* an assist, 15% of W3's time        */  \
+        wt[j] = w ? w[q0 + j] : (X)1;                                                  \
+    }                                                                                  \
     SIMD_COUNTS for (int64_t j = 0; j < np; j++) {      /* (3) pixel losses */         \
         int v = ok[j] != (X)0;                                                         \
         bad += v && (IS_HARD(T) ? !(z[j] >= 0 && z[j] < (T)C) : nbad[j] != (X)0);      \
@@ -356,8 +349,10 @@ static void copy_rows(char *dst, int64_t dbs, const char *src, int64_t scs, int6
     for (int64_t k = 0; k < C; k++) {
         for (int64_t b = 0; b < bytes; b += COPY_BLOCK * 64) {
             for (int64_t i = b / 64; i < lines && i < b / 64 + COPY_BLOCK; i++) {
-                if (pk < C) PREFETCH(src + pk * scs + pl * 64);
-                else if (next.base && pk < 2 * C) PREFETCH(next.base + (pk - C) * next.cs + pl * 64);
+                if (pk < C)
+                    PREFETCH(src + pk * scs + pl * 64);
+                else if (next.base && pk < 2 * C)
+                    PREFETCH(next.base + (pk - C) * next.cs + pl * 64);
                 if (++pl == lines) { pl = 0; pk++; }
             }
             const int64_t m = bytes - b < COPY_BLOCK * 64 ? bytes - b : COPY_BLOCK * 64;
@@ -463,7 +458,6 @@ static int gathered(const softmax_walk *k, int s)
 static void *softmax_scratch_alloc(const void *ctx)
 {
     const softmax_walk *k = ctx;
-    const int nd = k->ndim;
     /* [C][tile] buffers only for the class-shaped operands that need them */
     size_t ct[3] = {0, 0, 0};
     if (k->base[SX] && gathered(k, SX)) ct[0] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->size[SX]);

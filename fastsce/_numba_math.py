@@ -370,19 +370,6 @@ def log1p_01_f64(e):
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
-def log1p_pos_f64(r):
-    """(log1p(r), 1/(1+r)) for r >= 0 (and +inf, NaN) by one reduction of
-    u = 1 + r, the rounding of 1 + r put back as (r - (u - 1)) / u (fdlibm's log1p)."""
-    u = 1.0 + r
-    ix = f64_bits(u) + np.int64((0x3FF00000 - 0x3FE6A09E) << 32)
-    k = (ix >> 52) - 1023
-    ix = (ix & 0x000FFFFFFFFFFFFF) + np.int64(0x3FE6A09E << 32)
-    inv = 1.0 / u
-    res = log_reduced_f64(bits_f64(ix) - 1.0, F64(k)) + (r - (u - 1.0)) * inv
-    return (res if u < np.inf else u), inv
-
-
-@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def log_f64(u):
     """log(u) for any float64 u: -inf at 0, NaN below 0, subnormals exact."""
     tiny = u < 2.2250738585072014e-308
@@ -396,3 +383,12 @@ def log_f64(u):
     r = r if u < np.inf else u
     r = -np.inf if u == 0.0 else r
     return np.nan if u < 0.0 else r
+
+
+@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
+def log1p_pos_f64(r):
+    """(log1p(r), 1/(1+r)) for r >= 0 (and +inf, NaN): log(u) of u = 1 + r, the
+    rounding of 1 + r put back as (r - (u - 1)) / u (fdlibm's log1p)."""
+    u = 1.0 + r
+    inv = 1.0 / u
+    return log_f64(u) + ((r - (u - 1.0)) * inv if u < np.inf else 0.0), inv

@@ -49,8 +49,7 @@ CHUNK = 512
 
 
 # Step (4) in a function of its own, not inlined: inside `tile`, LLVM left
-# the loop scalar (W3 at 1 thread: ~20% of the time). Module-level: a closure
-# per kernel variant was called from the wrong variant once another had run.
+# the loop scalar (W3 at 1 thread: ~20% of the time).
 @jit(fastmath=False, **_OPTS)
 def _gradient(g, go, gcs, np_, C, e, wzs, wf, isr, fac, ok, floor, from_logits):
     """(4): the chunk's gradient rows from g[go] on."""
@@ -75,7 +74,6 @@ def _tile(from_logits, divergence, hard, ftype):
     exp_class, dmin, unscale = _EXP_CLASS[ftype]
     F = ftype
     key = f"{from_logits}-{divergence}-{hard}-{ftype.__name__}"
-    single = ftype is np.float32
     zero, one = F(0.0), F(1.0)
     clamp, floor = F(LOG_CLAMP), F(DENOM_FLOOR)
 
@@ -165,7 +163,7 @@ def _tile(from_logits, divergence, hard, ftype):
                     H[j] += np.float64(hb[j])
         return classes
 
-    pair, single = make_classes(True), make_classes(False)
+    pair, last = make_classes(True), make_classes(False)
 
     # Every loop indexes a row slice with its range variable: Numba then knows
     # the index is not negative and emits plain vector loads (a computed
@@ -212,8 +210,8 @@ def _tile(from_logits, divergence, hard, ftype):
                 pair(x, xo, xcs, z, zo, zcs, zp, k, q0, np_, cw, mxc, e, wzs, inv, keep,
                      shift, ties, esb, wzb, ab, hb, s, W, A, H)
             if C % 2:
-                single(x, xo, xcs, z, zo, zcs, zp, C - 1, q0, np_, cw, mxc, e, wzs, inv, keep,
-                       shift, ties, esb, wzb, ab, hb, s, W, A, H)
+                last(x, xo, xcs, z, zo, zcs, zp, C - 1, q0, np_, cw, mxc, e, wzs, inv, keep,
+                     shift, ties, esb, wzb, ab, hb, s, W, A, H)
             vc = valid[q0:q0 + np_]
             for j in range(np_):
                 v = True
@@ -271,8 +269,6 @@ def _copy_rows(flat, off, cstride, n, C, buf, bs, nxt, noff, ncs):
         pl -= lines
         pk += 1
     for k in range(C):
-        row = flat[off + k * cstride:off + k * cstride + n]
-        dst = buf[k * bs:k * bs + n]
         for b in range(0, n, COPY_BLOCK * per):
             for _ in range(min(COPY_BLOCK, lines - b // per)):
                 if pk < C:
@@ -283,10 +279,8 @@ def _copy_rows(flat, off, cstride, n, C, buf, bs, nxt, noff, ncs):
                 if pl == lines:
                     pl = 0
                     pk += 1
-            seg = row[b:min(b + COPY_BLOCK * per, n)]
-            dseg = dst[b:b + seg.size]
-            for p in range(seg.size):
-                dseg[p] = seg[p]
+            copy_elements(buf, k * bs + b, flat, off + k * cstride + b,
+                          min(COPY_BLOCK * per, n - b))
 
 
 @jit(**_OPTS)
