@@ -14,6 +14,7 @@ e_logf.c); the float32 exp polynomial is Cephes expf's minimax fit.
 """
 import hashlib
 import pathlib
+import platform
 
 import numpy as np
 from llvmlite import ir
@@ -132,29 +133,85 @@ def prefetch(typingctx, arr, idx):
 prefetch._set_uuid(f"fastsce:{_SOURCE_DIGEST}:prefetch")  # stable, as `jit` (cache keys)
 
 
+def _copy_typing(dst, doff, src, soff, n):
+    """The signature of a copy intrinsic, or None for other arguments."""
+    if isinstance(dst, types.Array) and isinstance(src, types.Array) and dst.dtype == src.dtype:
+        return types.void(dst, doff, src, soff, n)
+    return None
+
+
+def _copy_operands(context, builder, signature, args):
+    """Pointers to dst[doff] and src[soff], the element count and size."""
+    d = context.make_array(signature.args[0])(context, builder, args[0])
+    s = context.make_array(signature.args[2])(context, builder, args[2])
+    idx = [context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 4)]
+    size = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
+    return builder.gep(d.data, [idx[0]]), builder.gep(s.data, [idx[1]]), idx[2], size
+
+
 @intrinsic
 def copy_elements(typingctx, dst, doff, src, soff, n):
     """dst[doff:doff + n] = src[soff:soff + n] by memcpy (llvm.memcpy), as C's
     row copies: for rows of kilobytes libc's copy beats a loop of stores
     (x86: its string moves write whole lines without reading them first).
     No bounds check: the caller's slices are in range."""
-    if not (isinstance(dst, types.Array) and isinstance(src, types.Array)
-            and dst.dtype == src.dtype):
-        return None
-
     def codegen(context, builder, signature, args):
-        d = context.make_array(signature.args[0])(context, builder, args[0])
-        s = context.make_array(signature.args[2])(context, builder, args[2])
-        idx = [context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 3, 4)]
-        size = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
-        cgutils.raw_memcpy(builder, builder.gep(d.data, [idx[0]]), builder.gep(s.data, [idx[1]]),
-                           idx[2], size)
+        cgutils.raw_memcpy(builder, *_copy_operands(context, builder, signature, args))
         return context.get_dummy_value()
 
-    return types.void(dst, doff, src, soff, n), codegen
+    return _copy_typing(dst, doff, src, soff, n), codegen
 
 
 copy_elements._set_uuid(f"fastsce:{_SOURCE_DIGEST}:copy_elements")  # stable, as `jit`
+
+#: Non-temporal stores are emitted for x86 only, as the C twin's SSE2 ones.
+_STREAMING = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+@intrinsic
+def stream_elements(typingctx, dst, doff, src, soff, n):
+    """As copy_elements, but by non-temporal 16-byte stores when dst[doff] is
+    16-byte aligned and the run a whole number of 16 bytes (x86; else, and
+    elsewhere, memcpy), as C's stream_copy: a gradient bigger than the caches
+    goes to memory without the read for ownership and without evicting the
+    inputs. Call store_fence() before the data is handed to another thread."""
+    def codegen(context, builder, signature, args):
+        dp, sp, n, size = _copy_operands(context, builder, signature, args)
+        i64 = ir.IntType(64)
+        nbytes = builder.mul(n, i64(size))
+        misaligned = builder.and_(builder.or_(builder.ptrtoint(dp, i64), nbytes), i64(15))
+        aligned = builder.and_(builder.icmp_unsigned("==", misaligned, i64(0)),
+                               ir.Constant(ir.IntType(1), int(_STREAMING)))
+        with builder.if_else(aligned) as (then, otherwise):
+            with then:
+                vec = ir.VectorType(i64, 2)
+                dv, sv = builder.bitcast(dp, vec.as_pointer()), builder.bitcast(sp, vec.as_pointer())
+                nt = builder.module.add_metadata([ir.IntType(32)(1)])
+                with cgutils.for_range(builder, builder.udiv(nbytes, i64(16))) as loop:
+                    v = builder.load(builder.gep(sv, [loop.index]), align=1)
+                    st = builder.store(v, builder.gep(dv, [loop.index]), align=16)
+                    st.set_metadata("nontemporal", nt)
+            with otherwise:
+                cgutils.raw_memcpy(builder, dp, sp, n, size)
+        return context.get_dummy_value()
+
+    return _copy_typing(dst, doff, src, soff, n), codegen
+
+
+stream_elements._set_uuid(f"fastsce:{_SOURCE_DIGEST}:stream_elements")  # stable, as `jit`
+
+
+@intrinsic
+def store_fence(typingctx):
+    """Orders the non-temporal stores before it (a full fence; C: _mm_sfence)."""
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+store_fence._set_uuid(f"fastsce:{_SOURCE_DIGEST}:store_fence")  # stable, as `jit`
 
 # ---------------------------------------------------------------- float32
 

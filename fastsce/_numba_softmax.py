@@ -8,9 +8,10 @@ Design
   whose class rows would collide in cache (NCHW maps of 2^k pixels, see
   `_gathered`), is gathered into a [C][tile + 16] scratch first (the extra
   cache line keeps a pixel's classes out of one cache set; row-by-row gathers
-  prefetch ahead), and its gradient written there and copied out; so every
-  layout runs the same class-outer, pixel-inner loops: they vectorize across
-  pixels, and NCHW and NHWC give bitwise the same numbers. A float16 or
+  prefetch ahead), and its gradient written there and copied out (one past
+  STREAM_BYTES by non-temporal stores); so every layout runs the same
+  class-outer, pixel-inner loops: they vectorize across pixels, and NCHW and
+  NHWC give bitwise the same numbers. A float16 or
   byte-swapped input is gathered whatever its layout, converting
   (`_numba_convert`).
 * Per tile: (1) stream whole class rows once for the per-pixel maximum and
@@ -34,8 +35,8 @@ import numpy as np
 from numba import prange
 
 from . import _numba_math as M
-from ._numba_math import copy_elements, jit, prefetch
-from ._layout import BUF_PAD
+from ._numba_math import copy_elements, jit, prefetch, store_fence, stream_elements
+from ._layout import BUF_PAD, STREAM_BYTES
 from ._numba_convert import convert
 from ._numba_kernels import (_ACC, _EXACT, _EXP_CLASS, _MATH, _OPTS, _absent, _by_type, _out,
                               _scatter, _scratch, _view, block_range, row_offsets)
@@ -96,7 +97,9 @@ def _tile(from_logits, divergence, hard, ftype):
             # far-below-max class's probability to the last bits.
             bb = d - v
             err = (v - (d - bb)) + (-mx - bb)
-            err = err if (d > dmin and err == err) else zero   # 0 if d is clamped
+            # 0 if d is clamped or 0 (x = m = inf: inf - inf is NaN); as in C,
+            # not err == err (a third of GCC's loop time)
+            err = err if (d > dmin and d < zero) else zero
             ex = exp_class(d, err)
             # the maxima's exps are exactly 1: counted, not summed, so the
             # sum is r, the other classes', and log(1 + r) = log1p(r)
@@ -335,10 +338,13 @@ def _gathered(pstride, code, cstride_bytes):
 
 
 @jit(**_OPTS)
-def _scatter_classes(flat, off, pstride, cstride, n, C, buf, bs):
+def _scatter_classes(flat, off, pstride, cstride, n, C, buf, bs, stream):
     if pstride == 1:                # contiguous rows: row by row, not interleaved
         for k in range(C):
-            copy_elements(flat, off + k * cstride, buf, k * bs, n)
+            if stream:
+                stream_elements(flat, off + k * cstride, buf, k * bs, n)
+            else:
+                copy_elements(flat, off + k * cstride, buf, k * bs, n)
         return
     for p in range(n):
         for k in range(C):
@@ -391,6 +397,8 @@ def _driver(from_logits, divergence, hard, ftype):
         # the gradient through a buffer too when its rows would collide in cache
         g_buffered = g is not None and _gathered(strides[5, ndim - 1], 0,
                                                  cstrides[5] * g.itemsize)
+        # and copied out by non-temporal stores when bigger than the caches
+        g_stream = g is not None and np.prod(shape) * C * g.itemsize >= STREAM_BYTES
         for b in prange(part_loss.size):
             grp, start, stop = block_range(b, group_size)
             xs = _scratch(x, C * bs if x_gathered else 0, F)
@@ -441,13 +449,16 @@ def _driver(from_logits, divergence, hard, ftype):
                              scale, eps, ignore, gscale[grp], sc, valid,
                              lbuf[i - start:i - start + n])
                 if g_buffered:
-                    _scatter_classes(g, off[5], strides[5, ndim - 1], cstrides[5], n, C, gb, bs)
+                    _scatter_classes(g, off[5], strides[5, ndim - 1], cstrides[5], n, C, gb, bs,
+                                     g_stream)
                 _scatter(l, off[6], strides[6, ndim - 1], n, lb)
                 if bd and first < 0:
                     first = i + _first_bad_pixel(valid, za, zo, zcs, n, C, scale, hard)
                 count += c
                 bad += bd
                 i += n
+            if g_stream:
+                store_fence()
             part_loss[b] = _block_sum(lbuf, stop - start)
             part_count[b] = count
             part_bad[b] = bad

@@ -415,6 +415,26 @@ def test_nchw_nhwc_bitwise_per_dtype(backend, xdtype, tdtype):
     np.testing.assert_array_equal(np.moveaxis(b.grad, -1, 1), a.grad)
     assert b.grad.dtype == xdtype
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned-out"])
+def test_streamed_gradient_equals_scattered(backend, dtype, aligned):
+    # A class stride of whole pages with a gradient past STREAM_BYTES: copied
+    # out of the tile buffer by non-temporal stores (or memcpy when `out` is
+    # not 16-byte aligned); NHWC scatters it element by element.
+    from fastsce._layout import STREAM_BYTES
+    shape = (1, 3, 1024, 512)
+    assert np.prod(shape) * np.dtype(dtype).itemsize >= STREAM_BYTES
+    x, z = random_case(shape, dtype, seed=17, scale=6.0)
+    raw = np.empty(x.size * x.itemsize + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64 + (0 if aligned else 4)
+    out = raw[start:start + x.size * x.itemsize].view(dtype).reshape(shape)
+    a = smx(x, z, axis=1, reduction="sum", backend=backend, out=out)
+    b = smx(_nhwc(x), _nhwc(z), axis=-1, reduction="sum", backend=backend)
+    assert a.grad is out
+    assert a.loss == b.loss
+    np.testing.assert_array_equal(np.moveaxis(b.grad, -1, 1), out)
+
+
 def _variants(a, tmp_path, name):
     """(layout, array) equal in value to ``a`` (any ndim >= 1)."""
     yield "F-order", np.asfortranarray(a)
