@@ -642,9 +642,11 @@ int fastsce_softmax_ce_##XN##_##TN(int ndim, const int64_t *shape, int64_t group
         k.item[s] = storage_item(p, s, sizes[s]);                                      \
     }                                                                                  \
     k.hard = IS_HARD(T);                                                               \
-    int64_t bytes = classes * (int64_t)sizeof(X);                                      \
-    for (int d = 0; d < ndim; d++) bytes *= shape[d];                                  \
-    k.stream_g = g && bytes >= FASTSCE_STREAM_BYTES;                                   \
+    if (g && gathered(&k, SG)) {       /* g exists: its size cannot overflow */        \
+        int64_t bytes = classes * (int64_t)sizeof(X);                                  \
+        for (int d = 0; d < ndim; d++) bytes *= shape[d];                              \
+        k.stream_g = bytes >= FASTSCE_STREAM_BYTES;                                    \
+    }                                                                                  \
     k.tile = tiles_##XN##_##TN[(p->from_logits != 0) << 1 | (p->divergence != 0)];     \
     k.first_bad = (first_bad_pixel_fn)first_bad_pixel_##TN;                            \
     k.cw = cw; k.gscale = gscale;                                             \

@@ -38,10 +38,11 @@ BUF_PAD = 16
 def softmax_tile(classes):
     """Pixels per softmax tile: a [classes][tile] working set stays in L2.
 
-    At most 32768 values per operand: the gather buffers of logits, targets
-    and gradient then take a third of a 1 MB L2 (W3 in C at 1 thread, tiles
-    of 1024 rather than 2048 pixels: 0.98 -> 1.05-1.08 Gelem/s). A function
-    of the class count only, never of the layout or threads.
+    At most 32768 values per operand: the float32 gather buffers of logits,
+    targets and gradient then take 384 KiB of a 1 MiB L2 (W3 in C at 1
+    thread, tiles of 1024 rather than 2048 pixels: 0.98 -> 1.05-1.08
+    Gelem/s). A function of the class count only, never of the layout or
+    threads.
     """
     tile = 4096
     while tile > 64 and tile * classes > 32768:

@@ -11,10 +11,15 @@ the same results.
 
 Sources: exp reduction and log kernel follow fdlibm/musl (e_exp.c, e_log.c,
 e_logf.c); the float32 exp polynomial is Cephes expf's minimax fit.
+
+Also here: `jit` (stable cache identities) and the few LLVM operations the
+kernels need that Numba does not expose: fma, prefetch, memcpy, the
+non-temporal copy and its fence.
 """
 import hashlib
 import pathlib
 import platform
+import sys
 
 import numpy as np
 from llvmlite import ir
@@ -164,8 +169,8 @@ def copy_elements(typingctx, dst, doff, src, soff, n):
 
 copy_elements._set_uuid(f"fastsce:{_SOURCE_DIGEST}:copy_elements")  # stable, as `jit`
 
-#: Non-temporal stores are emitted for x86 only, as the C twin's SSE2 ones.
-_STREAMING = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+#: Non-temporal stores are emitted on x86-64 only, as the C twin's SSE2 ones.
+_STREAMING = platform.machine().lower() in ("x86_64", "amd64") and sys.maxsize > 2 ** 32
 
 
 @intrinsic
@@ -177,17 +182,17 @@ def stream_elements(typingctx, dst, doff, src, soff, n):
     inputs. Call store_fence() before the data is handed to another thread."""
     def codegen(context, builder, signature, args):
         dp, sp, n, size = _copy_operands(context, builder, signature, args)
-        i64 = ir.IntType(64)
-        nbytes = builder.mul(n, i64(size))
-        misaligned = builder.and_(builder.or_(builder.ptrtoint(dp, i64), nbytes), i64(15))
-        aligned = builder.and_(builder.icmp_unsigned("==", misaligned, i64(0)),
+        ity = n.type                                 # intp
+        nbytes = builder.mul(n, ity(size))
+        misaligned = builder.and_(builder.or_(builder.ptrtoint(dp, ity), nbytes), ity(15))
+        aligned = builder.and_(builder.icmp_unsigned("==", misaligned, ity(0)),
                                ir.Constant(ir.IntType(1), int(_STREAMING)))
         with builder.if_else(aligned) as (then, otherwise):
             with then:
-                vec = ir.VectorType(i64, 2)
+                vec = ir.VectorType(ir.IntType(64), 2)
                 dv, sv = builder.bitcast(dp, vec.as_pointer()), builder.bitcast(sp, vec.as_pointer())
                 nt = builder.module.add_metadata([ir.IntType(32)(1)])
-                with cgutils.for_range(builder, builder.udiv(nbytes, i64(16))) as loop:
+                with cgutils.for_range(builder, builder.udiv(nbytes, ity(16))) as loop:
                     v = builder.load(builder.gep(sv, [loop.index]), align=1)
                     st = builder.store(v, builder.gep(dv, [loop.index]), align=16)
                     st.set_metadata("nontemporal", nt)

@@ -398,7 +398,7 @@ def _driver(from_logits, divergence, hard, ftype):
         g_buffered = g is not None and _gathered(strides[5, ndim - 1], 0,
                                                  cstrides[5] * g.itemsize)
         # and copied out by non-temporal stores when bigger than the caches
-        g_stream = g is not None and np.prod(shape) * C * g.itemsize >= STREAM_BYTES
+        g_stream = g_buffered and np.prod(shape) * C * g.itemsize >= STREAM_BYTES
         for b in prange(part_loss.size):
             grp, start, stop = block_range(b, group_size)
             xs = _scratch(x, C * bs if x_gathered else 0, F)

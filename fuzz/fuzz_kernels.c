@@ -218,7 +218,7 @@ static void fill(input *in, call *c, int s, int raw)
 static int64_t softmax_tile(int64_t classes)
 {
     int64_t tile = 4096;
-    while (tile > 64 && tile * classes > 65536) tile /= 2;
+    while (tile > 64 && tile * classes > 32768) tile /= 2;
     return tile;
 }
 

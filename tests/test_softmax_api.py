@@ -415,6 +415,7 @@ def test_nchw_nhwc_bitwise_per_dtype(backend, xdtype, tdtype):
     np.testing.assert_array_equal(np.moveaxis(b.grad, -1, 1), a.grad)
     assert b.grad.dtype == xdtype
 
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned-out"])
 def test_streamed_gradient_equals_scattered(backend, dtype, aligned):
@@ -425,7 +426,7 @@ def test_streamed_gradient_equals_scattered(backend, dtype, aligned):
     shape = (1, 3, 1024, 512)
     assert np.prod(shape) * np.dtype(dtype).itemsize >= STREAM_BYTES
     x, z = random_case(shape, dtype, seed=17, scale=6.0)
-    raw = np.empty(x.size * x.itemsize + 64, np.uint8)
+    raw = np.empty(x.size * x.itemsize + 128, np.uint8)
     start = (-raw.ctypes.data) % 64 + (0 if aligned else 4)
     out = raw[start:start + x.size * x.itemsize].view(dtype).reshape(shape)
     a = smx(x, z, axis=1, reduction="sum", backend=backend, out=out)
@@ -433,6 +434,32 @@ def test_streamed_gradient_equals_scattered(backend, dtype, aligned):
     assert a.grad is out
     assert a.loss == b.loss
     np.testing.assert_array_equal(np.moveaxis(b.grad, -1, 1), out)
+
+
+def test_stream_elements_copies_every_case():
+    # Numba's non-temporal row copy: aligned whole 16-byte runs by streaming
+    # stores (on x86-64), every other run by memcpy; each must copy exactly.
+    pytest.importorskip("numba")
+    from numba import njit
+    from fastsce._numba_math import _STREAMING, store_fence, stream_elements
+
+    @njit
+    def copy(dst, doff, src, soff, n):
+        stream_elements(dst, doff, src, soff, n)
+        store_fence()
+
+    src = np.arange(1, 301, dtype=np.float32)
+    raw = np.zeros(1024 + 64, np.uint8)
+    base = (-raw.ctypes.data) % 64
+    for doff, soff, n in [(0, 0, 256), (0, 3, 256), (1, 0, 8), (0, 0, 7), (0, 0, 0), (4, 9, 100)]:
+        dst = raw[base:base + 1024].view(np.float32)
+        dst[:] = 0
+        copy(dst, doff, src, soff, n)
+        expected = np.zeros(256, np.float32)
+        expected[doff:doff + n] = src[soff:soff + n]
+        np.testing.assert_array_equal(dst, expected, err_msg=str((doff, soff, n)))
+    asm = "".join(copy.inspect_asm().values())
+    assert ("movnt" in asm) == _STREAMING
 
 
 def _variants(a, tmp_path, name):
