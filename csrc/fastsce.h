@@ -21,7 +21,6 @@
 /* CDEF BEGIN */
 #define FASTSCE_BLOCK 16384
 #define FASTSCE_NSLOTS 7
-#define FASTSCE_STREAM_BYTES 4194304
 #define FASTSCE_ENOMEM 1
 #define FASTSCE_SWAPPED 1
 #define FASTSCE_HALF 2
@@ -35,6 +34,8 @@ typedef struct {
     int32_t divergence;
     int32_t num_threads;
     int32_t convert[7];    /* per slot: FASTSCE_SWAPPED | FASTSCE_HALF bits  */
+    int32_t stream_grad;   /* softmax: a buffered gradient goes out by
+                              non-temporal stores (_layout.stream_gradient) */
 } fastsce_params;
 
 extern const int FASTSCE_HAVE_OPENMP;

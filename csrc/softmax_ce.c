@@ -9,8 +9,8 @@
  *    cache (NCHW maps of 2^k pixels, see gathered()), is gathered into a
  *    [C][tile + 16] scratch first (the extra cache line keeps a pixel's
  *    classes out of one cache set; row-by-row gathers prefetch ahead), and
- *    its gradient written there and copied out (a gradient past
- *    FASTSCE_STREAM_BYTES by non-temporal stores); so every layout runs the
+ *    its gradient written there and copied out (a big one by non-temporal
+ *    stores, _layout.stream_gradient); so every layout runs the
  *    same class-outer, pixel-inner loops: they vectorize across pixels, and
  *    NCHW and NHWC give bitwise the same numbers. A float16 or byte-swapped
  *    input is gathered whatever its layout, converting (csrc/convert.h).
@@ -390,8 +390,9 @@ static void gather_classes(const char *base, int64_t off, int64_t ps, int64_t cs
  * bytes a multiple of 16 (x86): a gradient bigger than the caches goes to
  * memory without the read for ownership and without evicting the inputs
  * (W3 at 1 thread: 0.84 -> 0.97 Gelem/s). store_fence() orders them before
- * the data is handed to another thread. Numba: stream_elements. */
-#if defined(__SSE2__)
+ * the data is handed to another thread. x86-64 only, as Numba's
+ * stream_elements. */
+#if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
 static void stream_copy(char *dst, const char *src, int64_t bytes)
 {
@@ -449,7 +450,7 @@ typedef struct {
     int64_t item[FASTSCE_NSLOTS];       /* bytes per element in storage  */
     int64_t size[FASTSCE_NSLOTS];       /* bytes per element as computed */
     int hard;
-    int stream_g;                       /* gradient copied out by stream_copy */
+    int stream_g;                       /* buffered gradient copied out by stream_copy */
     tile_fn tile;
     first_bad_pixel_fn first_bad;
     const void *cw;
@@ -642,11 +643,7 @@ int fastsce_softmax_ce_##XN##_##TN(int ndim, const int64_t *shape, int64_t group
         k.item[s] = storage_item(p, s, sizes[s]);                                      \
     }                                                                                  \
     k.hard = IS_HARD(T);                                                               \
-    if (g && gathered(&k, SG)) {       /* g exists: its size cannot overflow */        \
-        int64_t bytes = classes * (int64_t)sizeof(X);                                  \
-        for (int d = 0; d < ndim; d++) bytes *= shape[d];                              \
-        k.stream_g = bytes >= FASTSCE_STREAM_BYTES;                                    \
-    }                                                                                  \
+    k.stream_g = g && p->stream_grad && gathered(&k, SG);                              \
     k.tile = tiles_##XN##_##TN[(p->from_logits != 0) << 1 | (p->divergence != 0)];     \
     k.first_bad = (first_bad_pixel_fn)first_bad_pixel_##TN;                            \
     k.cw = cw; k.gscale = gscale;                                             \

@@ -7,8 +7,8 @@ returns the block partials per group (`_partials`) as the Numba backend does.
 import numpy as np
 
 from . import _cffi_kernels
-from ._layout import (BLOCK, HALF, SLOTS, STREAM_BYTES, SWAPPED, kernel_dtype, make_plan,
-                      softmax_tile)
+from ._layout import (BLOCK, HALF, SLOTS, SWAPPED, kernel_dtype, make_plan, softmax_tile,
+                      stream_gradient)
 from ._memory import check_softmax_scratch, size_text, softmax_scratch_bytes
 from ._partials import from_blocks
 from ._threads import mark_openmp_used
@@ -16,8 +16,7 @@ from ._threads import mark_openmp_used
 ffi, lib = _cffi_kernels.ffi, _cffi_kernels.lib
 
 # One value per language for each shared constant, and they must agree.
-for _name, _value in (("BLOCK", BLOCK), ("SWAPPED", SWAPPED), ("HALF", HALF),
-                      ("STREAM_BYTES", STREAM_BYTES)):
+for _name, _value in (("BLOCK", BLOCK), ("SWAPPED", SWAPPED), ("HALF", HALF)):
     if getattr(lib, f"FASTSCE_{_name}") != _value:
         raise ImportError(f"C kernels built with FASTSCE_{_name}="
                           f"{getattr(lib, f'FASTSCE_{_name}')}, Python has {_value}")
@@ -52,6 +51,7 @@ def _params(call, plan):
     p.from_logits = call.from_logits
     p.divergence = call.divergence
     p.num_threads = call.threads
+    p.stream_grad = stream_gradient(call.grad)
     if call.threads > 1 and lib.FASTSCE_HAVE_OPENMP:  # one thread stays out of OpenMP
         mark_openmp_used()
     return p

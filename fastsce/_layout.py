@@ -25,10 +25,16 @@ from ._errors import FastSCEValueError
 BLOCK = 16384
 
 #: A softmax gradient of at least this many bytes that is copied out of a
-#: gather buffer goes by non-temporal stores (C: FASTSCE_STREAM_BYTES): past
-#: the caches, the store skips the line's read for ownership and leaves the
-#: inputs cached; a smaller one stays in cache for whoever reads it next.
+#: gather buffer goes by non-temporal stores: past the caches, the store skips
+#: the line's read for ownership and leaves the inputs cached; a smaller one
+#: stays in cache for whoever reads it next.
 STREAM_BYTES = 1 << 22
+
+
+def stream_gradient(grad):
+    """Whether both backends copy this gradient (an array or None) out of
+    their tile buffers by non-temporal stores."""
+    return grad is not None and grad.nbytes >= STREAM_BYTES
 
 #: Softmax gather buffers hold a tile's classes BUF_PAD elements more than a tile
 #: apart (C: BUF_STRIDE), so a pixel's classes do not share one cache set.

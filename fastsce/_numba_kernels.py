@@ -402,7 +402,7 @@ def features():
 
 
 def softmax(call):
-    from ._layout import softmax_tile
+    from ._layout import softmax_tile, stream_gradient
     from ._numba_softmax import _driver as softmax_driver
 
     C = call.classes
@@ -423,5 +423,5 @@ def softmax(call):
             kernel(plan.shape, plan.group_size, C, softmax_tile(C), f["x"], f["z"], f["w"],
                    f["m"], f["g"], f["l"], plan.offsets, plan.strides, plan.codes,
                    plan.class_strides, call.cw, float(call.scale), float(call.label_smoothing),
-                   call.ignore_value, call.gscale, *parts)
+                   call.ignore_value, stream_gradient(call.grad), call.gscale, *parts)
     return from_blocks(*parts, plan.n_groups)

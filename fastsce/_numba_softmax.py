@@ -8,12 +8,11 @@ Design
   whose class rows would collide in cache (NCHW maps of 2^k pixels, see
   `_gathered`), is gathered into a [C][tile + 16] scratch first (the extra
   cache line keeps a pixel's classes out of one cache set; row-by-row gathers
-  prefetch ahead), and its gradient written there and copied out (one past
-  STREAM_BYTES by non-temporal stores); so every layout runs the same
-  class-outer, pixel-inner loops: they vectorize across pixels, and NCHW and
-  NHWC give bitwise the same numbers. A float16 or
-  byte-swapped input is gathered whatever its layout, converting
-  (`_numba_convert`).
+  prefetch ahead), and its gradient written there and copied out (a big one
+  by non-temporal stores, `_layout.stream_gradient`); so every layout runs
+  the same class-outer, pixel-inner loops: they vectorize across pixels, and
+  NCHW and NHWC give bitwise the same numbers. A float16 or byte-swapped
+  input is gathered whatever its layout, converting (`_numba_convert`).
 * Per tile: (1) stream whole class rows once for the per-pixel maximum and
   the count of out-of-range soft targets (this also brings the tile into
   cache). Then per chunk of pixels, with its per-pixel sums kept close:
@@ -36,7 +35,7 @@ from numba import prange
 
 from . import _numba_math as M
 from ._numba_math import copy_elements, jit, prefetch, store_fence, stream_elements
-from ._layout import BUF_PAD, STREAM_BYTES
+from ._layout import BUF_PAD
 from ._numba_convert import convert
 from ._numba_kernels import (_ACC, _EXACT, _EXP_CLASS, _MATH, _OPTS, _absent, _by_type, _out,
                               _scatter, _scratch, _view, block_range, row_offsets)
@@ -383,7 +382,7 @@ def _driver(from_logits, divergence, hard, ftype):
 
     @jit(tile._uuid, parallel=True, cache=True, **_OPTS)
     def run(shape, group_size, C, tsz, x, z, w, m, g, l, offsets, strides, codes, cstrides, cw,
-            scale, eps, ignore, gscale, part_loss, part_count, part_bad, part_first):
+            scale, eps, ignore, stream, gscale, part_loss, part_count, part_bad, part_first):
         ndim = shape.size
         inner = shape[ndim - 1]
         bs = tsz + BUF_PAD
@@ -398,7 +397,7 @@ def _driver(from_logits, divergence, hard, ftype):
         g_buffered = g is not None and _gathered(strides[5, ndim - 1], 0,
                                                  cstrides[5] * g.itemsize)
         # and copied out by non-temporal stores when bigger than the caches
-        g_stream = g_buffered and np.prod(shape) * C * g.itemsize >= STREAM_BYTES
+        g_stream = g_buffered and stream
         for b in prange(part_loss.size):
             grp, start, stop = block_range(b, group_size)
             xs = _scratch(x, C * bs if x_gathered else 0, F)

@@ -388,6 +388,7 @@ static void build(input *in, call *c)
     c->p.has_ignore = (c->ttype >= U8) && (o & 64);
     c->p.ignore = c->ttype == I64 ? -1 : c->ttype == U8 ? 255 : 65535;
     c->p.num_threads = (int)pick(in, 1, 3);
+    c->p.stream_grad = (o >> 4) & 1;
     c->ordinary = !(o & 128);
 
     const int64_t xsize = type_size[c->xtype];
