@@ -309,28 +309,28 @@ typedef int64_t (*first_bad_pixel_fn)(const uint8_t *, const void *, int64_t, in
  * pixel's classes do not all fall in one cache set (a power-of-two stride). */
 #define BUF_STRIDE(tsz) ((tsz) + 16)
 
-/* Copy a tile between (pixel stride ps, class stride cs) and [C][bs]; typed
- * loops per item size (a memcpy per element would cost more than the loss). */
-#define DEFINE_GATHER(NAME, U)                                                         \
-static void NAME(const U *src, int64_t ps, int64_t cs, int64_t n, int64_t C, U *buf,    \
-                 int64_t bs)                                                           \
+/* Copy C classes of n pixels between strided layouts (element strides: per
+ * pixel, per class): a tile into or out of its [C][bs] buffer. Typed loops
+ * per item size (a memcpy per element would cost more than the loss), and
+ * STRIDED_PIXELS pixels of one class at a time (as Numba's _transpose): in
+ * cache, on W4's tiles, the scatter 0.55 -> 0.32 ns per element against pixel
+ * by pixel, every class, and the gather 0.29 -> 0.25. */
+#define STRIDED_PIXELS 16
+#define DEFINE_TRANSPOSE(NAME, U)                                                      \
+static inline void NAME(U *dst, int64_t dps, int64_t dcs, const U *src, int64_t sps,   \
+                        int64_t scs, int64_t n, int64_t C)                             \
 {                                                                                      \
-    for (int64_t q = 0; q < n; q++)                                                    \
-        for (int64_t k = 0; k < C; k++) buf[k * bs + q] = src[q * ps + k * cs];        \
+    for (int64_t q0 = 0; q0 < n; q0 += STRIDED_PIXELS) {                               \
+        const int64_t pn = n - q0 < STRIDED_PIXELS ? n - q0 : STRIDED_PIXELS;          \
+        for (int64_t k = 0; k < C; k++)                                                \
+            for (int64_t q = q0; q < q0 + pn; q++)                                     \
+                dst[q * dps + k * dcs] = src[q * sps + k * scs];                       \
+    }                                                                                  \
 }
-#define DEFINE_SCATTER(NAME, U)                                                        \
-static void NAME(U *dst, int64_t ps, int64_t cs, int64_t n, int64_t C, const U *buf,    \
-                 int64_t bs)                                                           \
-{                                                                                      \
-    for (int64_t q = 0; q < n; q++)                                                    \
-        for (int64_t k = 0; k < C; k++) dst[q * ps + k * cs] = buf[k * bs + q];        \
-}
-DEFINE_GATHER(gather1, uint8_t)
-DEFINE_GATHER(gather2, uint16_t)
-DEFINE_GATHER(gather4, uint32_t)
-DEFINE_GATHER(gather8, uint64_t)
-DEFINE_SCATTER(scatter4, uint32_t)       /* gradients: float32 and float64 */
-DEFINE_SCATTER(scatter8, uint64_t)
+DEFINE_TRANSPOSE(transpose1, uint8_t)
+DEFINE_TRANSPOSE(transpose2, uint16_t)
+DEFINE_TRANSPOSE(transpose4, uint32_t)
+DEFINE_TRANSPOSE(transpose8, uint64_t)
 
 /* Class rows that a gather reads next, for its prefetch: at base + k * cs. */
 typedef struct { const char *base; int64_t cs; } row_set;
@@ -379,10 +379,10 @@ static void gather_classes(const char *base, int64_t off, int64_t ps, int64_t cs
         return;
     }
     switch (item) {
-    case 1: gather1((const uint8_t *)src, ps, cs, n, C, (uint8_t *)buf, bs); break;
-    case 2: gather2((const uint16_t *)src, ps, cs, n, C, (uint16_t *)buf, bs); break;
-    case 4: gather4((const uint32_t *)src, ps, cs, n, C, (uint32_t *)buf, bs); break;
-    default: gather8((const uint64_t *)src, ps, cs, n, C, (uint64_t *)buf, bs); break;
+    case 1: transpose1((uint8_t *)buf, 1, bs, (const uint8_t *)src, ps, cs, n, C); break;
+    case 2: transpose2((uint16_t *)buf, 1, bs, (const uint16_t *)src, ps, cs, n, C); break;
+    case 4: transpose4((uint32_t *)buf, 1, bs, (const uint32_t *)src, ps, cs, n, C); break;
+    default: transpose8((uint64_t *)buf, 1, bs, (const uint64_t *)src, ps, cs, n, C); break;
     }
 }
 
@@ -418,8 +418,8 @@ static void scatter_classes(char *base, int64_t off, int64_t ps, int64_t cs, int
         return;
     }
     switch (item) {
-    case 4: scatter4((uint32_t *)dst, ps, cs, n, C, (const uint32_t *)buf, bs); break;
-    default: scatter8((uint64_t *)dst, ps, cs, n, C, (const uint64_t *)buf, bs); break;
+    case 4: transpose4((uint32_t *)dst, ps, cs, (const uint32_t *)buf, 1, bs, n, C); break;
+    default: transpose8((uint64_t *)dst, ps, cs, (const uint64_t *)buf, 1, bs, n, C); break;
     }
 }
 

@@ -256,6 +256,24 @@ def _tile(from_logits, divergence, hard, ftype):
 PREFETCH_LINES = 256
 #: Lines copied per run of prefetches.
 COPY_BLOCK = 16
+#: Pixels of one class `_transpose` copies at a time (as C).
+STRIDED_PIXELS = 16
+
+
+@jit(**_OPTS)
+def _transpose(dst, do, dps, dcs, src, so, sps, scs, n, C):
+    """C classes of n pixels from src to dst, each at offset + pixel * ps + class
+    * cs: a strided (NHWC) tile into or out of its [C][bs] buffer, as C's
+    transpose4. Unsigned indices (wrapping where a stride is negative, the
+    sum in range): Numba tests a signed one for wraparound. In cache, per
+    element on W4's tiles: 0.75 -> 0.33 ns in, 0.74 -> 0.32 ns out."""
+    udo, udps, udcs = np.uint64(do), np.uint64(dps), np.uint64(dcs)
+    uso, usps, uscs = np.uint64(so), np.uint64(sps), np.uint64(scs)
+    un, step = np.uint64(n), np.uint64(STRIDED_PIXELS)
+    for q0 in range(np.uint64(0), un, step):
+        for k in range(np.uint64(C)):
+            for q in range(q0, min(q0 + step, un)):
+                dst[udo + q * udps + k * udcs] = src[uso + q * usps + k * uscs]
 
 
 @jit(**_OPTS)
@@ -290,9 +308,7 @@ def _gather_classes(flat, off, pstride, cstride, n, C, buf, bs, nxt, noff, ncs):
     if pstride == 1:                # contiguous rows
         _copy_rows(flat, off, cstride, n, C, buf, bs, nxt, noff, ncs)
         return
-    for p in range(n):
-        for k in range(C):
-            buf[k * bs + p] = flat[off + k * cstride + p * pstride]
+    _transpose(buf, 0, 1, bs, flat, off, pstride, cstride, n, C)
 
 
 @jit(**_OPTS)
@@ -345,9 +361,7 @@ def _scatter_classes(flat, off, pstride, cstride, n, C, buf, bs, stream):
             else:
                 copy_elements(flat, off + k * cstride, buf, k * bs, n)
         return
-    for p in range(n):
-        for k in range(C):
-            flat[off + k * cstride + p * pstride] = buf[k * bs + p]
+    _transpose(flat, off, pstride, cstride, buf, 0, 1, bs, n, C)
 
 
 @jit(**_OPTS)
