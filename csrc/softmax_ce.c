@@ -309,29 +309,6 @@ typedef int64_t (*first_bad_pixel_fn)(const uint8_t *, const void *, int64_t, in
  * pixel's classes do not all fall in one cache set (a power-of-two stride). */
 #define BUF_STRIDE(tsz) ((tsz) + 16)
 
-/* Copy C classes of n pixels between strided layouts (element strides: per
- * pixel, per class): a tile into or out of its [C][bs] buffer. Typed loops
- * per item size (a memcpy per element would cost more than the loss), and
- * STRIDED_PIXELS pixels of one class at a time (as Numba's _transpose): in
- * cache, on W4's tiles, the scatter 0.55 -> 0.32 ns per element against pixel
- * by pixel, every class, and the gather 0.29 -> 0.25. */
-#define STRIDED_PIXELS 16
-#define DEFINE_TRANSPOSE(NAME, U)                                                      \
-static inline void NAME(U *dst, int64_t dps, int64_t dcs, const U *src, int64_t sps,   \
-                        int64_t scs, int64_t n, int64_t C)                             \
-{                                                                                      \
-    for (int64_t q0 = 0; q0 < n; q0 += STRIDED_PIXELS) {                               \
-        const int64_t pn = n - q0 < STRIDED_PIXELS ? n - q0 : STRIDED_PIXELS;          \
-        for (int64_t k = 0; k < C; k++)                                                \
-            for (int64_t q = q0; q < q0 + pn; q++)                                     \
-                dst[q * dps + k * dcs] = src[q * sps + k * scs];                       \
-    }                                                                                  \
-}
-DEFINE_TRANSPOSE(transpose1, uint8_t)
-DEFINE_TRANSPOSE(transpose2, uint16_t)
-DEFINE_TRANSPOSE(transpose4, uint32_t)
-DEFINE_TRANSPOSE(transpose8, uint64_t)
-
 /* Class rows that a gather reads next, for its prefetch: at base + k * cs. */
 typedef struct { const char *base; int64_t cs; } row_set;
 
@@ -423,21 +400,13 @@ static void scatter_classes(char *base, int64_t off, int64_t ps, int64_t cs, int
     }
 }
 
-/* Gather (or scatter) one pixel-shaped row with stride st. */
-static void move_row(char *dst, const char *src, int64_t dst_st, int64_t src_st, int64_t n,
-                     int64_t item)
-{
-    for (int64_t q = 0; q < n; q++)
-        memcpy(dst + q * dst_st * item, src + q * src_st * item, (size_t)item);
-}
-
 /* A pixel-shaped input row of stride st: in place if contiguous and native,
  * else gathered (converted if `code`) into buf. */
 static const char *input_row(char *buf, const char *src, int64_t st, int64_t n, int64_t item,
                              int64_t size, int code)
 {
     if (code) convert_row(buf, size, src, item, st, n, code);
-    else if (st != 1) move_row(buf, src, 1, st, n, item);
+    else if (st != 1) strided_copy(buf, 1, src, st, n, item);
     else return src;
     return buf;
 }
@@ -601,7 +570,8 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
             scatter_classes((char *)k->base[SG], off[SG], PSTRIDE(SG), cst[SG], n, C, k->item[SG],
                             sc->gs, bs, k->stream_g);
         if (k->base[SL] && PSTRIDE(SL) != 1)
-            move_row((char *)k->base[SL] + off[SL] * k->item[SL], sc->row[SL], PSTRIDE(SL), 1, n, k->item[SL]);
+            strided_copy((char *)k->base[SL] + off[SL] * k->item[SL], PSTRIDE(SL), sc->row[SL], 1, n,
+                         k->item[SL]);
         if (r.bad && first < 0) first = i + k->first_bad(sc->valid, a.z, a.zcs, n, C, k->p->scale);
         count += r.count;
         bad += r.bad;
