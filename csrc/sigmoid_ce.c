@@ -324,7 +324,7 @@ static void run_block(const void *ctx, int64_t b, void *scratch)
                 convert_row(buf[s], k->size[s], k->base[s] + off[s] * it, it, st, n, conv);
                 ptr[s] = buf[s];
             } else {                                /* input: gather */
-                strided_copy(buf[s], 1, k->base[s] + off[s] * it, st, n, it);
+                strided_row(buf[s], 1, k->base[s] + off[s] * it, st, n, it);
                 ptr[s] = buf[s];
             }
         }
@@ -334,7 +334,7 @@ static void run_block(const void *ctx, int64_t b, void *scratch)
         for (int s = SG; s <= SL; s++) {
             int64_t st = k->strides[s * nd + nd - 1], it = k->item[s];
             if (k->base[s] && st != 1)
-                strided_copy((char *)k->base[s] + off[s] * it, st, buf[s], 1, n, it);
+                strided_row((char *)k->base[s] + off[s] * it, st, buf[s], 1, n, it);
         }
         if (r.bad && first < 0) first = i + k->first_bad(ptr[ST], k->base[SM] ? (const uint8_t *)ptr[SM] : NULL, n, k->p);
         total += r.loss;

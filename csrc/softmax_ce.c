@@ -355,12 +355,7 @@ static void gather_classes(const char *base, int64_t off, int64_t ps, int64_t cs
             convert_row(buf + k * bs * size, size, src + k * cs * item, item, ps, n, code);
         return;
     }
-    switch (item) {
-    case 1: transpose1((uint8_t *)buf, 1, bs, (const uint8_t *)src, ps, cs, n, C); break;
-    case 2: transpose2((uint16_t *)buf, 1, bs, (const uint16_t *)src, ps, cs, n, C); break;
-    case 4: transpose4((uint32_t *)buf, 1, bs, (const uint32_t *)src, ps, cs, n, C); break;
-    default: transpose8((uint64_t *)buf, 1, bs, (const uint64_t *)src, ps, cs, n, C); break;
-    }
+    strided_copy(buf, 1, bs, src, ps, cs, n, C, item);
 }
 
 /* memcpy, but by non-temporal 16-byte stores when dst is 16-byte aligned and
@@ -394,10 +389,7 @@ static void scatter_classes(char *base, int64_t off, int64_t ps, int64_t cs, int
         }
         return;
     }
-    switch (item) {
-    case 4: transpose4((uint32_t *)dst, ps, cs, (const uint32_t *)buf, 1, bs, n, C); break;
-    default: transpose8((uint64_t *)dst, ps, cs, (const uint64_t *)buf, 1, bs, n, C); break;
-    }
+    strided_copy(dst, ps, cs, buf, 1, bs, n, C, item);
 }
 
 /* A pixel-shaped input row of stride st: in place if contiguous and native,
@@ -406,7 +398,7 @@ static const char *input_row(char *buf, const char *src, int64_t st, int64_t n, 
                              int64_t size, int code)
 {
     if (code) convert_row(buf, size, src, item, st, n, code);
-    else if (st != 1) strided_copy(buf, 1, src, st, n, item);
+    else if (st != 1) strided_row(buf, 1, src, st, n, item);
     else return src;
     return buf;
 }
@@ -570,8 +562,8 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
             scatter_classes((char *)k->base[SG], off[SG], PSTRIDE(SG), cst[SG], n, C, k->item[SG],
                             sc->gs, bs, k->stream_g);
         if (k->base[SL] && PSTRIDE(SL) != 1)
-            strided_copy((char *)k->base[SL] + off[SL] * k->item[SL], PSTRIDE(SL), sc->row[SL], 1, n,
-                         k->item[SL]);
+            strided_row((char *)k->base[SL] + off[SL] * k->item[SL], PSTRIDE(SL), sc->row[SL], 1, n,
+                        k->item[SL]);
         if (r.bad && first < 0) first = i + k->first_bad(sc->valid, a.z, a.zcs, n, C, k->p->scale);
         count += r.count;
         bad += r.bad;

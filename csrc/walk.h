@@ -121,21 +121,32 @@ DEFINE_TRANSPOSE(transpose2, uint16_t)
 DEFINE_TRANSPOSE(transpose4, uint32_t)
 DEFINE_TRANSPOSE(transpose8, uint64_t)
 
-/* n elements of `item` bytes from src (element stride src_st) to dst (dst_st):
- * a strided row into or out of a contiguous buffer. Not inlined: inlined in
- * the softmax's walk, it cost W4 (which never calls it) 6-8% in C. */
-static __attribute__((noinline)) void strided_copy(char *dst, int64_t dst_st, const char *src,
-                                                   int64_t src_st, int64_t n, int64_t item)
+/* The transpose for elements of `item` bytes (a memcpy each for an odd size).
+ * Not inlined: inlined in the softmax's walk, the row copies cost W4 (which
+ * never makes them) 6-8% in C. */
+static __attribute__((noinline)) void strided_copy(char *dst, int64_t dps, int64_t dcs,
+                                                   const char *src, int64_t sps, int64_t scs,
+                                                   int64_t n, int64_t C, int64_t item)
 {
     switch (item) {
-    case 1: transpose1((uint8_t *)dst, dst_st, 0, (const uint8_t *)src, src_st, 0, n, 1); break;
-    case 2: transpose2((uint16_t *)dst, dst_st, 0, (const uint16_t *)src, src_st, 0, n, 1); break;
-    case 4: transpose4((uint32_t *)dst, dst_st, 0, (const uint32_t *)src, src_st, 0, n, 1); break;
-    case 8: transpose8((uint64_t *)dst, dst_st, 0, (const uint64_t *)src, src_st, 0, n, 1); break;
+    case 1: transpose1((uint8_t *)dst, dps, dcs, (const uint8_t *)src, sps, scs, n, C); break;
+    case 2: transpose2((uint16_t *)dst, dps, dcs, (const uint16_t *)src, sps, scs, n, C); break;
+    case 4: transpose4((uint32_t *)dst, dps, dcs, (const uint32_t *)src, sps, scs, n, C); break;
+    case 8: transpose8((uint64_t *)dst, dps, dcs, (const uint64_t *)src, sps, scs, n, C); break;
     default:
         for (int64_t q = 0; q < n; q++)
-            memcpy(dst + q * dst_st * item, src + q * src_st * item, (size_t)item);
+            for (int64_t k = 0; k < C; k++)
+                memcpy(dst + (q * dps + k * dcs) * item, src + (q * sps + k * scs) * item,
+                       (size_t)item);
     }
+}
+
+/* n elements of `item` bytes from src (element stride sps) to dst (dps): a
+ * strided row into or out of a contiguous buffer. */
+static inline void strided_row(char *dst, int64_t dps, const char *src, int64_t sps, int64_t n,
+                               int64_t item)
+{
+    strided_copy(dst, dps, 0, src, sps, 0, n, 1, item);
 }
 
 #endif

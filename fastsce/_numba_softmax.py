@@ -262,11 +262,11 @@ STRIDED_PIXELS = 16
 
 @jit(**_OPTS)
 def _transpose(dst, do, dps, dcs, src, so, sps, scs, n, C):
-    """C classes of n pixels from src to dst, each at offset + pixel * ps + class
-    * cs: a strided (NHWC) tile into or out of its [C][bs] buffer, as C's
-    transpose1..8 (csrc/walk.h). Unsigned indices (wrapping where a stride is negative, the
-    sum in range): Numba tests a signed one for wraparound. In cache, per
-    element on W4's tiles: 0.75 -> 0.33 ns in, 0.74 -> 0.32 ns out."""
+    """C classes of n pixels from src to dst, each at offset + pixel * ps +
+    class * cs: a strided (NHWC) tile into or out of its [C][bs] buffer, as
+    C's strided_copy (csrc/walk.h). Unsigned indices (wrapping where a stride
+    is negative, the sum in range): Numba tests a signed one for wraparound.
+    In cache, per element on W4's tiles: 0.75 -> 0.33 ns in, 0.74 -> 0.32 out."""
     udo, udps, udcs = np.uint64(do), np.uint64(dps), np.uint64(dcs)
     uso, usps, uscs = np.uint64(so), np.uint64(sps), np.uint64(scs)
     un, step = np.uint64(n), np.uint64(STRIDED_PIXELS)
