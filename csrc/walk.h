@@ -121,12 +121,20 @@ DEFINE_TRANSPOSE(transpose2, uint16_t)
 DEFINE_TRANSPOSE(transpose4, uint32_t)
 DEFINE_TRANSPOSE(transpose8, uint64_t)
 
+/* GCC's pre-allocation scheduler (build_ffi.py turns it on) made these copies
+ * slower: W4 at 1 thread 4% slower with it, as fast as before without. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define NO_PRE_SCHEDULE __attribute__((optimize("no-schedule-insns")))
+#else
+#define NO_PRE_SCHEDULE
+#endif
+
 /* The transpose for elements of `item` bytes (a memcpy each for an odd size).
  * Not inlined: inlined in the softmax's walk, the row copies cost W4 (which
  * never makes them) 6-8% in C. */
-static __attribute__((noinline)) void strided_copy(char *dst, int64_t dps, int64_t dcs,
-                                                   const char *src, int64_t sps, int64_t scs,
-                                                   int64_t n, int64_t C, int64_t item)
+static __attribute__((noinline)) NO_PRE_SCHEDULE
+void strided_copy(char *dst, int64_t dps, int64_t dcs, const char *src, int64_t sps,
+                  int64_t scs, int64_t n, int64_t C, int64_t item)
 {
     switch (item) {
     case 1: transpose1((uint8_t *)dst, dps, dcs, (const uint8_t *)src, sps, scs, n, C); break;
