@@ -119,6 +119,16 @@ def _integer_code(value, dtype, what):
     return int(value)
 
 
+def _aligned(name, a):
+    """`a`, or an aligned copy if its address is not a multiple of its item size
+    (np.frombuffer with an offset): the kernels load whole elements."""
+    if a.flags.aligned:
+        return a
+    return _memory.converted(name, a, a.dtype,
+                             f"Pass `{name}` aligned to its {a.dtype.itemsize}-byte items "
+                             "to avoid the copy.")
+
+
 def _logits(logits):
     x = np.asarray(logits)
     if x.dtype.newbyteorder("=") not in _FLOATS:
@@ -127,7 +137,7 @@ def _logits(logits):
             "Convert with logits.astype(np.float32)."
         )
     # float16 is read as float32 (SPEC §2), block by block, as byte-swapped input is.
-    return x, _layout.kernel_dtype(x.dtype)
+    return _aligned("logits", x), _layout.kernel_dtype(x.dtype)
 
 
 def _targets(targets, shape):
@@ -139,7 +149,7 @@ def _targets(targets, shape):
             f"(probability times target_scale); got dtype {t.dtype}"
         )
     _layout.broadcast_operand("targets", t, shape)
-    return t
+    return _aligned("targets", t)
 
 
 def _weight_like(name, value, shape, compute, what="the shape of `logits`"):
@@ -154,6 +164,7 @@ def _weight_like(name, value, shape, compute, what="the shape of `logits`"):
     if a.dtype.newbyteorder("=") not in (compute, np.dtype(np.float16)):
         a = _memory.converted(name, a, compute,
                               f"Pass `{name}` as {compute} (or float16) to avoid the copy.")
+    a = _aligned(name, a)
     low = np.min(_layout.compact(a)) if a.size else 0.0
     if not low >= 0:
         raise FastSCEValueError(
@@ -193,6 +204,12 @@ def _check_output(name, buf, shape, dtypes, inputs, what="the shape of `logits`"
         )
     if not buf.flags.writeable:
         raise FastSCEValueError(f"`{name}` must be writeable; got a read-only array")
+    if not buf.flags.aligned:
+        raise FastSCEValueError(
+            f"`{name}` must be aligned to its {buf.dtype.itemsize}-byte items; got an array "
+            f"at address {buf.ctypes.data:#x} (np.frombuffer with an offset?). Pass a fresh "
+            "array."
+        )
     if _self_overlapping(buf):
         raise FastSCEValueError(
             f"`{name}` must have one place in memory per element; got strides "
@@ -728,7 +745,7 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
     hard = hard_labels(t, x.shape)
     if hard:
         _layout.broadcast_operand("targets", t, pixel_shape, what="the pixel shape of `logits`")
-        z = t if native_t == np.int64 else _memory.converted(
+        z = _aligned("targets", t) if native_t == np.int64 else _memory.converted(
             "targets", t, np.int64, "Pass class indices as int64 to avoid the copy.")
         if target_scale is not None:
             raise FastSCEValueError("`target_scale` applies to soft targets, not class indices")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import misaligned
 from fastsce import TargetRangeError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -216,6 +217,7 @@ CASES = [
     Case("`out` byte-swapped", S, sig(out=np.zeros((4, 9), ">f8")), T, "`out`"),
     Case("`out` read-only", S, sig(out=_read_only((4, 9))), V, "`out`"),
     Case("`out` not an array", S, sig(out=[[0.0] * 9] * 4), T, "`out`"),
+    Case("`out` misaligned", S, sig(out=lambda o: misaligned(np.zeros((4, 9)))), V, "`out`"),
     Case("`out` overlapping `targets`", S, sig(out=lambda o: o["z"]), V, "`out`"),
     Case("`out` overlapping `logits` (not the same view)", M, smx(out=lambda o: o["X"][:, ::-1]),
          V, "`out`"),
@@ -227,6 +229,9 @@ CASES = [
     Case("`loss_out` of another dtype", S,
          sig(reduction="none", loss_out=np.zeros((4, 9), np.float32)), T, "`loss_out`"),
     Case("`loss_out` read-only", S, sig(reduction="none", loss_out=_read_only((4, 9))), V,
+         "`loss_out`"),
+    Case("`loss_out` misaligned", M,
+         smx(reduction="none", loss_out=lambda o: misaligned(np.zeros((2, 4, 5)))), V,
          "`loss_out`"),
     Case("`loss_out` with reduction='mean'", S, sig(loss_out=np.zeros((4, 9))), V,
          "`loss_out`"),

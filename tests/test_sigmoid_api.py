@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastsce
-from conftest import require_backend
+from conftest import misaligned, require_backend
 from naive import check_result, expected, pytorch_mean_bce_with_logits
 
 BLOCK = fastsce.BLOCK
@@ -250,6 +250,7 @@ def _layouts(x, tmp_path):
                               mode="r", shape=x.shape)
     yield "byte-swapped", x.astype(x.dtype.newbyteorder(">" if sys.byteorder == "little"
                                                           else "<"))
+    yield "misaligned", misaligned(x)       # read from an aligned copy
 
 
 def _assert_results_close(a, b, dtype, reduction, what):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import fastsce
-from conftest import require_backend
+from conftest import misaligned, require_backend
 from exact_softmax import naive_softmax, pytorch_cross_entropy
 from naive import check_result
 
@@ -481,6 +481,8 @@ def _variants(a, tmp_path, name):
     yield "memmap", np.memmap(path, dtype=a.dtype, mode="r", shape=a.shape)
     yield "byte-swapped", a.astype(a.dtype.newbyteorder(">" if sys.byteorder == "little"
                                                         else "<"))
+    if a.dtype.itemsize > 1:
+        yield "misaligned", misaligned(a)   # read from an aligned copy
 
 
 # read-only views (np.broadcast_to, memmap mode "r", flags.writeable=False) are
