@@ -35,6 +35,21 @@ MATH_INLINE int32_t f32_bits(float f) { int32_t i; memcpy(&i, &f, 4); return i; 
 MATH_INLINE double bits_f64(int64_t i) { double f; memcpy(&f, &i, 8); return f; }
 MATH_INLINE int64_t f64_bits(double f) { int64_t i; memcpy(&i, &f, 8); return i; }
 
+/* c ? a : b in bit operations. Written as a conditional, GCC threads the
+ * branch through what follows and vectorizes both sides of it (the binary
+ * loop's pos select: 94 -> 85 instructions per 16 elements, 5-8% faster);
+ * Numba's LLVM does not, so its twin keeps the conditional. */
+MATH_INLINE float pick_f32(int c, float a, float b)
+{
+    int32_t m = -(int32_t)(c != 0);
+    return bits_f32((f32_bits(a) & m) | (f32_bits(b) & ~m));
+}
+MATH_INLINE double pick_f64(int c, double a, double b)
+{
+    int64_t m = -(int64_t)(c != 0);
+    return bits_f64((f64_bits(a) & m) | (f64_bits(b) & ~m));
+}
+
 /* ------------------------------------------------------------ float32 */
 
 /* exp(r) for the reduced argument r, |r| <= ln(2)/2 (Cephes expf's fit), in

@@ -95,10 +95,10 @@ ALWAYS_INLINE X element_##XN(X x, X tf, X sc, X zs, X shift, X a, X w, X gs,    
         X e = exp_neg_##XN(-ax), iu;                                                   \
         X lp = log1p_01_##XN(e, &iu);                                                  \
         int pos = x >= (X)0;                                                           \
-        X coef = pos ? zc : az;                                                        \
+        X coef = pick_##XN(pos, zc, az);                                               \
         X lin = coef == (X)0 ? (X)0 : coef * ax;   /* 0 * inf is 0 here (SPEC §2) */   \
         loss = fma_##XN(lp, az + zc, lin);                                             \
-        dloss = (pos ? fma_##XN(-az, e, zc) : fma_##XN(zc, e, -az)) * iu;              \
+        dloss = pick_##XN(pos, fma_##XN(-az, e, zc), fma_##XN(zc, e, -az)) * iu;       \
     } else {                                                                           \
         X lc = log_##XN(x);                                                            \
         lc = lc < (X)-100 ? (X)-100 : lc;                                              \
