@@ -6,6 +6,7 @@ FASTSCE_OPENMP=1 makes its absence an error, 0 builds serial kernels. The
 outcome is compiled into the library (FASTSCE_HAVE_OPENMP) for info().
 Flags: -O3 without -ffast-math (it breaks NaN/inf and the polynomials'
 rounding, PERF_NOTES), -ffp-contract=off so results match the Numba backend.
+FASTSCE_SCHEDULE=0 builds without GCC's pre-allocation scheduler (below).
 FASTSCE_SANITIZE=1 adds AddressSanitizer and UndefinedBehaviorSanitizer
 (.ci/sanitize builds a copy of the tree so, never the installed library).
 """
@@ -23,9 +24,9 @@ from cffi import FFI
 HERE = pathlib.Path(__file__).resolve().parent
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-std=c99"]
 # GCC's pre-register-allocation scheduler, off by default on x86: it
-# interleaves the long exp/log chains of the loops (Zen 4, 1 thread: W1 and W2
-# 5% faster, W3 3%; walk.h keeps it off the transposes). Used only if the
-# compiler takes it (clang does not).
+# interleaves the long exp/log chains of the loops (Zen 4, 1 thread: W1 5%
+# faster, W2 4%, W3 3%, W4 4% with walk.h keeping it off the transposes). Used
+# if the compiler takes it (clang does not); FASTSCE_SCHEDULE=0 leaves it out.
 SCHEDULE = ["-fschedule-insns", "-fsched-pressure"]
 # Any undefined behavior (and a float to integer conversion out of range)
 # aborts at once; -fno-wrapv undoes Python's -fwrapv, which would hide signed
@@ -41,10 +42,14 @@ def _cdef_source():
     return text.split("/* CDEF BEGIN */")[1].split("/* CDEF END */")[0]
 
 
-def _compiles(flags):
-    """True if the C compiler builds and links an OpenMP program with `flags`."""
+PLAIN_PROBE = "int main(void){return 0;}\n"
+OMP_PROBE = ("#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\n"
+             "n+=1;\nreturn omp_get_max_threads()>0&&n>0?0:1;}\n")
+
+
+def _compiles(flags, src=OMP_PROBE):
+    """True if the C compiler builds and links `src` (an OpenMP program) with `flags`."""
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    src = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn omp_get_max_threads()>0&&n>0?0:1;}\n"
     with tempfile.TemporaryDirectory() as tmp:
         c = pathlib.Path(tmp, "probe.c")
         c.write_text(src)
@@ -71,22 +76,13 @@ def openmp_flags():
         "and rebuild. ***\n",
         stacklevel=1,
     )
-    return ["-fopenmp-simd"] if _compiles_plain(["-fopenmp-simd"]) else [], []
-
-
-def _compiles_plain(flags):
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    with tempfile.TemporaryDirectory() as tmp:
-        c = pathlib.Path(tmp, "p.c")
-        c.write_text("int main(void){return 0;}\n")
-        res = subprocess.run(cc.split() + [str(c), "-o", str(pathlib.Path(tmp, "p"))] + flags,
-                             capture_output=True)
-        return res.returncode == 0
+    return ["-fopenmp-simd"] if _compiles(["-fopenmp-simd"], PLAIN_PROBE) else [], []
 
 
 compile_omp, link_omp = openmp_flags()
 sanitize = SANITIZE if os.environ.get("FASTSCE_SANITIZE", "0").strip() == "1" else []
-schedule = SCHEDULE if _compiles_plain(SCHEDULE + ["-Werror"]) else []
+use_schedule = os.environ.get("FASTSCE_SCHEDULE", "1").strip() != "0"
+schedule = SCHEDULE if use_schedule and _compiles(SCHEDULE + ["-Werror"], PLAIN_PROBE) else []
 flags = BASE_FLAGS + schedule + compile_omp + sanitize
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_source())

@@ -120,8 +120,9 @@ def _integer_code(value, dtype, what):
 
 
 def _aligned(name, a):
-    """`a`, or an aligned copy if its address is not a multiple of its item size
-    (np.frombuffer with an offset): the kernels load whole elements."""
+    """`a`, or an aligned copy if its address or a stride is not a multiple of
+    its item size (np.frombuffer with an offset, a structured array's field):
+    the kernels load whole elements."""
     if a.flags.aligned:
         return a
     return _memory.converted(name, a, a.dtype,
@@ -137,7 +138,7 @@ def _logits(logits):
             "Convert with logits.astype(np.float32)."
         )
     # float16 is read as float32 (SPEC §2), block by block, as byte-swapped input is.
-    return _aligned("logits", x), _layout.kernel_dtype(x.dtype)
+    return x, _layout.kernel_dtype(x.dtype)
 
 
 def _targets(targets, shape):
@@ -206,9 +207,9 @@ def _check_output(name, buf, shape, dtypes, inputs, what="the shape of `logits`"
         raise FastSCEValueError(f"`{name}` must be writeable; got a read-only array")
     if not buf.flags.aligned:
         raise FastSCEValueError(
-            f"`{name}` must be aligned to its {buf.dtype.itemsize}-byte items; got an array "
-            f"at address {buf.ctypes.data:#x} (np.frombuffer with an offset?). Pass a fresh "
-            "array."
+            f"`{name}` must be aligned to its {buf.dtype.itemsize}-byte items; got address "
+            f"{buf.ctypes.data:#x} and strides {buf.strides} (np.frombuffer with an offset, "
+            "or a structured array's field?). Pass a fresh array."
         )
     if _self_overlapping(buf):
         raise FastSCEValueError(
@@ -391,7 +392,7 @@ def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
                                    shape, inputs)
 
     call = BinaryCall(
-        shape=shape, x=x, z=z, w=w, m=m, pw=pw, from_logits=from_logits,
+        shape=shape, x=_aligned("logits", x), z=z, w=w, m=m, pw=pw, from_logits=from_logits,
         divergence=divergence, label_smoothing=eps, scale=scale, ignore_value=ignore_value,
         check=check, threads=threads,
     )
@@ -786,7 +787,8 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
     out_dtype, in_place = _outputs(out, loss_out, want_grad, reduction, x, compute,
                                    pixel_shape, inputs, what="the pixel shape of `logits`")
     call = SoftmaxCall(
-        shape=pixel_shape, x=x, axis=axis, classes=C, z=z, hard=hard, w=w, m=m, cw=cw,
+        shape=pixel_shape, x=_aligned("logits", x), axis=axis, classes=C, z=z, hard=hard,
+        w=w, m=m, cw=cw,
         from_logits=from_logits, divergence=divergence, label_smoothing=eps, scale=scale,
         ignore_value=ignore_value, check=check, threads=threads,
     )

@@ -15,8 +15,9 @@ from ._errors import BackendUnavailableError, FastSCETypeError, FastSCEValueErro
 NAMES = ("numba", "c", "numpy")
 #: "auto" takes the first available backend of its call kind's order: the faster
 #: one first, as measured by `fastsce bench` (README, "Choosing a backend").
-#: Numba's AVX-512 binary loop beats GCC's (W1/W2 at 1 thread: 1.3-1.5x); C's
-#: softmax beats Numba's (W3/W4: 1.1-1.25x).
+#: Numba's AVX-512 binary loop beat GCC's (W1/W2 at 1 thread on a Zen 5:
+#: 1.3-1.5x; on a Zen 4 since GCC's scheduler and bit selects: W1 even, W2
+#: 1.2x); C's softmax beat Numba's (W3/W4: 1.1-1.25x; even on the Zen 4).
 AUTO_ORDER = {"sigmoid": ("numba", "c", "numpy"), "softmax": ("c", "numba", "numpy")}
 
 

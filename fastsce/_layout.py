@@ -157,7 +157,7 @@ def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None
         v = np.broadcast_to(a, target) if a.shape != target else a
         if _element_strides(v) is None:
             # A stride that is not a whole number of items (a field of a
-            # structured array): only such a view is copied.
+            # structured array; the API copies such inputs before): copied.
             v = np.ascontiguousarray(v)
         if target is not shape:
             fulls[slot] = v

@@ -7,7 +7,6 @@ records, unless ``FASTSCE_REQUIRE_BACKENDS`` (comma list; CI sets
 import os
 import sys
 
-import numpy as np
 import pytest
 from hypothesis import settings
 
@@ -42,16 +41,6 @@ def require_backend(name):
             pytest.fail(f"{message} (required by FASTSCE_REQUIRE_BACKENDS)")
         pytest.skip(message)
     return name
-
-
-def misaligned(a):
-    """A writable copy of ``a`` (C order) whose address is one byte past an
-    item boundary, as np.frombuffer with an offset gives."""
-    raw = np.zeros(a.nbytes + 1, np.uint8)
-    out = raw[1:].view(a.dtype).reshape(a.shape)
-    assert a.dtype.itemsize == 1 or not out.flags.aligned
-    out[...] = a
-    return out
 
 
 # Session scope: hypothesis tests may use these (function-scoped fixtures are

@@ -225,3 +225,26 @@ def check_grad(grad, exp, logits_dtype, *, rtol64=1e-13, ulps32=8.0):
         work = np.float64 if dtype == np.float64 else np.float32
         assert_elementwise(grad, exp.grad, exp.grad_scale, work, rtol64=rtol64,
                            ulps32=ulps32, what="grad")
+
+
+def misaligned(a):
+    """A writable copy of ``a`` (C order) whose address is one byte past an
+    item boundary, as np.frombuffer with an offset gives."""
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    out = raw[1:].view(a.dtype).reshape(a.shape)
+    assert a.dtype.itemsize == 1 or not out.flags.aligned
+    out[...] = a
+    return out
+
+
+def kernel_spy(monkeypatch, module, name):
+    """The arrays a backend module's kernel `name` receives, as it is called."""
+    seen = []
+    real = getattr(module, name)
+
+    def spy(call):
+        seen.extend(a for a in vars(call).values() if isinstance(a, np.ndarray))
+        return real(call)
+    monkeypatch.setattr(module, name, spy)
+    return seen
+

@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from naive import misaligned
 from procmem import PRELUDE
 
 import fastsce
@@ -104,6 +105,8 @@ def test_coverage_and_argument_errors():
     with pytest.raises(fastsce.FastSCEValueError, match="reduction='sum'"):
         acc.add(x, z, mask=x > 0)
     assert not g.any()
+    with pytest.raises(fastsce.FastSCEValueError, match="`out` must be aligned"):
+        fastsce.Accumulator("sigmoid", (4, 10), out=misaligned(g))
 
 
 def test_in_place_mean_gradient_divides_by_the_map_count(backend):

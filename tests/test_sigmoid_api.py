@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import fastsce
-from conftest import misaligned, require_backend
-from naive import check_result, expected, pytorch_mean_bce_with_logits
+from conftest import require_backend
+from naive import (check_result, expected, kernel_spy, misaligned,
+                   pytorch_mean_bce_with_logits)
 
 BLOCK = fastsce.BLOCK
 DTYPES = [np.float32, np.float64]
@@ -618,3 +619,19 @@ def test_works_without_numba():
     assert proc.returncode == 0, proc.stderr
     if fastsce.info()["backends"]["c"]["available"]:
         assert proc.stdout.strip() == "c"
+
+
+def test_c_kernel_sees_misaligned_operands_aligned(monkeypatch):
+    """Misaligned inputs reach the C loops (typed loads) only as aligned copies."""
+    require_backend("c")
+    import fastsce._c_kernels as ck
+    x, z = random_case((5, 7), np.float32, seed=3)
+    w = np.linspace(0.5, 2.0, 7, dtype=np.float32)
+    pw = np.full((5, 1), 1.5, np.float32)
+    want = sce(x, z, weight=w, pos_weight=pw, backend="c")
+    seen = kernel_spy(monkeypatch, ck, "binary")
+    got = sce(misaligned(x), misaligned(z), weight=misaligned(w), pos_weight=misaligned(pw),
+              backend="c")
+    assert len(seen) >= 4 and all(a.flags.aligned for a in seen)
+    assert got.loss == want.loss
+    np.testing.assert_array_equal(got.grad, want.grad)

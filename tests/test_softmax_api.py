@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 import fastsce
-from conftest import misaligned, require_backend
+from conftest import require_backend
 from exact_softmax import naive_softmax, pytorch_cross_entropy
-from naive import check_result
+from naive import check_result, kernel_spy, misaligned
 
 BLOCK = fastsce.BLOCK
 DTYPES = [np.float32, np.float64]
@@ -427,7 +427,8 @@ def test_streamed_gradient_equals_scattered(backend, dtype, aligned):
     assert np.prod(shape) * np.dtype(dtype).itemsize >= STREAM_BYTES
     x, z = random_case(shape, dtype, seed=17, scale=6.0)
     raw = np.empty(x.size * x.itemsize + 128, np.uint8)
-    start = (-raw.ctypes.data) % 64 + (0 if aligned else 4)
+    # misaligned-out: one item past 64 bytes: not 16-byte aligned, yet whole items
+    start = (-raw.ctypes.data) % 64 + (0 if aligned else np.dtype(dtype).itemsize)
     out = raw[start:start + x.size * x.itemsize].view(dtype).reshape(shape)
     a = smx(x, z, axis=1, reduction="sum", backend=backend, out=out)
     b = smx(_nhwc(x), _nhwc(z), axis=-1, reduction="sum", backend=backend)
@@ -481,7 +482,7 @@ def _variants(a, tmp_path, name):
     yield "memmap", np.memmap(path, dtype=a.dtype, mode="r", shape=a.shape)
     yield "byte-swapped", a.astype(a.dtype.newbyteorder(">" if sys.byteorder == "little"
                                                         else "<"))
-    if a.dtype.itemsize > 1:
+    if a.dtype.itemsize > 1:                # (bytes are always aligned)
         yield "misaligned", misaligned(a)   # read from an aligned copy
 
 
@@ -847,3 +848,21 @@ def test_matches_pytorch_cross_entropy(backend):
     got = smx(x, np.where(keep, labels, 0), class_weights=cw, weight=np.ones(keep.shape),
               mask=keep, reduction="sum", backend=backend)
     assert got.loss == pytest.approx(want * wsum, rel=rtol)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "labels"])
+def test_c_kernel_sees_misaligned_operands_aligned(monkeypatch, hard):
+    """Misaligned inputs reach the C loops (typed loads) only as aligned copies."""
+    require_backend("c")
+    import fastsce._c_kernels as ck
+    x, z = random_case((2, 5, 3, 4), np.float32, seed=7)
+    t = labels_for((2, 3, 4), 5, 7) if hard else z
+    w = np.linspace(0.5, 2.0, 4, dtype=np.float32)
+    cw = np.linspace(1.0, 2.0, 5, dtype=np.float32)
+    want = smx(x, t, weight=w, class_weights=cw, backend="c")
+    seen = kernel_spy(monkeypatch, ck, "softmax")
+    got = smx(misaligned(x), misaligned(t), weight=misaligned(w), class_weights=misaligned(cw),
+              backend="c")
+    assert len(seen) >= 4 and all(a.flags.aligned for a in seen)
+    assert got.loss == want.loss
+    np.testing.assert_array_equal(got.grad, want.grad)
