@@ -90,8 +90,8 @@ class Accumulator:
                 raise FastSCEValueError("`out` must be writeable; got a read-only array")
             if not out.flags.aligned:
                 raise FastSCEValueError(
-                    f"`out` must be aligned to its {out.dtype.itemsize}-byte items; got "
-                    f"address {out.ctypes.data:#x} and strides {out.strides}")
+                    f"`out` must be aligned to its {out.dtype.itemsize}-byte items in "
+                    f"address and strides; got strides {out.strides}")
         self.out = out
         self.options = dict(
             grad=out is not None, grad_scale=grad_scale, label_smoothing=label_smoothing,

@@ -207,9 +207,10 @@ def _check_output(name, buf, shape, dtypes, inputs, what="the shape of `logits`"
         raise FastSCEValueError(f"`{name}` must be writeable; got a read-only array")
     if not buf.flags.aligned:
         raise FastSCEValueError(
-            f"`{name}` must be aligned to its {buf.dtype.itemsize}-byte items; got address "
-            f"{buf.ctypes.data:#x} and strides {buf.strides} (np.frombuffer with an offset, "
-            "or a structured array's field?). Pass a fresh array."
+            f"`{name}` must be aligned to its {buf.dtype.itemsize}-byte items in address and "
+            f"strides; got strides {buf.strides} and an address "
+            f"{buf.ctypes.data % buf.dtype.itemsize} bytes past an item boundary (np.frombuffer "
+            "with an offset, or a structured array's field?). Pass a fresh array."
         )
     if _self_overlapping(buf):
         raise FastSCEValueError(
