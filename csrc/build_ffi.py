@@ -48,7 +48,8 @@ OMP_PROBE = ("#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel re
 
 
 def _compiles(flags, src=OMP_PROBE):
-    """True if the C compiler builds and links `src` (an OpenMP program) with `flags`."""
+    """True if the C compiler builds and links `src` (by default an OpenMP program)
+    with `flags`."""
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
     with tempfile.TemporaryDirectory() as tmp:
         c = pathlib.Path(tmp, "probe.c")

@@ -119,17 +119,6 @@ def _integer_code(value, dtype, what):
     return int(value)
 
 
-def _aligned(name, a):
-    """`a`, or an aligned copy if its address or a stride is not a multiple of
-    its item size (np.frombuffer with an offset, a structured array's field):
-    the kernels load whole elements."""
-    if a.flags.aligned:
-        return a
-    return _memory.converted(name, a, a.dtype,
-                             f"Pass `{name}` aligned to its {a.dtype.itemsize}-byte items "
-                             "to avoid the copy.")
-
-
 def _logits(logits):
     x = np.asarray(logits)
     if x.dtype.newbyteorder("=") not in _FLOATS:
@@ -150,7 +139,7 @@ def _targets(targets, shape):
             f"(probability times target_scale); got dtype {t.dtype}"
         )
     _layout.broadcast_operand("targets", t, shape)
-    return _aligned("targets", t)
+    return t
 
 
 def _weight_like(name, value, shape, compute, what="the shape of `logits`"):
@@ -165,7 +154,6 @@ def _weight_like(name, value, shape, compute, what="the shape of `logits`"):
     if a.dtype.newbyteorder("=") not in (compute, np.dtype(np.float16)):
         a = _memory.converted(name, a, compute,
                               f"Pass `{name}` as {compute} (or float16) to avoid the copy.")
-    a = _aligned(name, a)
     low = np.min(_layout.compact(a)) if a.size else 0.0
     if not low >= 0:
         raise FastSCEValueError(
@@ -393,7 +381,7 @@ def _sigmoid(logits, targets, *, weight, mask, pos_weight, label_smoothing,
                                    shape, inputs)
 
     call = BinaryCall(
-        shape=shape, x=_aligned("logits", x), z=z, w=w, m=m, pw=pw, from_logits=from_logits,
+        shape=shape, x=x, z=z, w=w, m=m, pw=pw, from_logits=from_logits,
         divergence=divergence, label_smoothing=eps, scale=scale, ignore_value=ignore_value,
         check=check, threads=threads,
     )
@@ -747,7 +735,7 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
     hard = hard_labels(t, x.shape)
     if hard:
         _layout.broadcast_operand("targets", t, pixel_shape, what="the pixel shape of `logits`")
-        z = _aligned("targets", t) if native_t == np.int64 else _memory.converted(
+        z = t if native_t == np.int64 else _memory.converted(
             "targets", t, np.int64, "Pass class indices as int64 to avoid the copy.")
         if target_scale is not None:
             raise FastSCEValueError("`target_scale` applies to soft targets, not class indices")
@@ -779,7 +767,7 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
                 f"got class_weights.shape={cw.shape}"
             )
         cw = _weight_like("class_weights", cw, (C,), compute)
-        cw = np.ascontiguousarray(cw, dtype=compute)  # C values: a copy costs nothing
+        cw = np.array(cw, dtype=compute, order="C")  # C values: an (aligned) copy costs nothing
     pixels = "the pixel shape of `logits` (without the class axis)"
     w = _weight_like("weight", weight, pixel_shape, compute, pixels)
     m = _mask(mask, pixel_shape, pixels)
@@ -788,8 +776,7 @@ def _softmax(logits, targets, *, axis, class_weights, weight, mask, ignore_value
     out_dtype, in_place = _outputs(out, loss_out, want_grad, reduction, x, compute,
                                    pixel_shape, inputs, what="the pixel shape of `logits`")
     call = SoftmaxCall(
-        shape=pixel_shape, x=_aligned("logits", x), axis=axis, classes=C, z=z, hard=hard,
-        w=w, m=m, cw=cw,
+        shape=pixel_shape, x=x, axis=axis, classes=C, z=z, hard=hard, w=w, m=m, cw=cw,
         from_logits=from_logits, divergence=divergence, label_smoothing=eps, scale=scale,
         ignore_value=ignore_value, check=check, threads=threads,
     )

@@ -151,14 +151,18 @@ def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None
         a = operands.get(slot)
         if a is None:
             continue
+        if not a.flags.aligned:
+            # An address or a stride that is not a whole number of items
+            # (np.frombuffer with an offset, a structured array's field): the
+            # kernels load whole elements, so such an input is read from an
+            # aligned copy of its distinct values. The API rejects such outputs.
+            assert slot not in ("g", "l"), slot
+            copy = np.array(compact(a), order="C")
+            a = copy if copy.shape == a.shape else np.broadcast_to(copy, a.shape)
         target = shape
         if class_axis is not None and a.ndim == len(full_shape) and a.shape != shape:
             target = tuple(full_shape)
         v = np.broadcast_to(a, target) if a.shape != target else a
-        if _element_strides(v) is None:
-            # A stride that is not a whole number of items (a field of a
-            # structured array; the API copies such inputs before): copied.
-            v = np.ascontiguousarray(v)
         if target is not shape:
             fulls[slot] = v
             v = v[(slice(None),) * class_axis + (0,)]

@@ -4,6 +4,8 @@ Written from the spec, not from fastsce's reference, so the reference can be
 checked against it (test_reference.py).  Also the comparison helpers the other
 test files share.  Operands are broadcast explicitly to the logits' shape.
 """
+import importlib
+
 import numpy as np
 
 UINT_SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -237,14 +239,30 @@ def misaligned(a):
     return out
 
 
-def kernel_spy(monkeypatch, module, name):
-    """The arrays a backend module's kernel `name` receives, as it is called."""
+def packed_field(a):
+    """A copy of ``a`` as the field of a packed structured array: its strides
+    are not whole items (one byte of padding each)."""
+    rec = np.zeros(a.shape, [("v", a.dtype), ("pad", np.uint8)])
+    rec["v"] = a
+    return rec["v"]
+
+
+def check_misaligned_read_aligned(monkeypatch, backend, loss, *args, **kwargs):
+    """`loss(*args, **kwargs)` on `backend` gives bitwise the same result with
+    every array argument misaligned, and the backend plans its kernels over
+    aligned arrays only (make_plan copies the others)."""
+    module = importlib.import_module(f"fastsce._{backend}_kernels")
+    want = loss(*args, backend=backend, **kwargs)
     seen = []
-    real = getattr(module, name)
+    real = module.make_plan
 
-    def spy(call):
-        seen.extend(a for a in vars(call).values() if isinstance(a, np.ndarray))
-        return real(call)
-    monkeypatch.setattr(module, name, spy)
-    return seen
-
+    def spy(*a, **k):
+        plan = real(*a, **k)
+        seen.extend(f for f in plan.flats.values() if f is not None)
+        return plan
+    monkeypatch.setattr(module, "make_plan", spy)
+    mis = lambda v: misaligned(v) if isinstance(v, np.ndarray) else v  # noqa: E731
+    got = loss(*map(mis, args), backend=backend, **{k: mis(v) for k, v in kwargs.items()})
+    assert len(seen) >= 4 and all(a.flags.aligned for a in seen)
+    assert got.loss == want.loss
+    np.testing.assert_array_equal(got.grad, want.grad)
