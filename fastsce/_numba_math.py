@@ -227,10 +227,9 @@ _E32_LN2LO = F32(-2.12194440e-4)
 _E32_P = tuple(F32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
                                  4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
 _L32_LG = tuple(F32(c) for c in (0.66666662693, 0.40000972152, 0.28498786688, 0.24279078841))
-_LP32_H = tuple(F32(c) for c in (-3.781395853e-01, 1.792249382e-01, -9.322970361e-02,
-                                  5.108278990e-02, -2.896415815e-02, 1.680524088e-02,
-                                  -9.680889547e-03, 5.768417381e-03, -4.578823689e-03,
-                                  2.836052561e-03))
+_LP32_H = tuple(F32(c) for c in (-4.999993145e-01, 3.333050907e-01, -2.495857924e-01,
+                                  1.969535649e-01, -1.535526812e-01, 1.068033427e-01,
+                                  -5.766221508e-02, 2.020336874e-02, -3.318195930e-03))
 _L32_LN2HI = F32(6.9313812256e-01)
 _L32_LN2LO = F32(9.0580006145e-06)
 _SQRT2_32 = F32(1.41421356237)
@@ -240,20 +239,13 @@ _RINT32_BITS = np.int32(0x4B400000)        # its bits: k is the difference of th
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
-def exp_poly_f32(r):
-    """exp(r) for the reduced argument r, |r| <= ln(2)/2 (Cephes expf's fit)."""
+def exp_scaled_f32(r, s):
+    """exp(r) * s for the reduced argument r, |r| <= ln(2)/2 (Cephes expf's
+    fit), and a power of two s: one rounding for the sum and the scale."""
     p0, p1, p2, p3, p4, p5 = _E32_P
     r2 = r * r                         # in powers of r^2: half the dependent fmas
     p = fma(fma(fma(p0, r, p1), r2, fma(p2, r, p3)), r2, fma(p4, r, p5))
-    return fma(p, r2, r) + F32(1.0)
-
-
-@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
-def times_pow2_f32(p, ki):
-    """p * 2^ki as two factors, so a result in the subnormal range is exact."""
-    k1 = np.int32(ki >> 1)
-    k2 = np.int32(ki - k1)
-    return p * bits_f32(np.int32((k1 + 127) << 23)) * bits_f32(np.int32((k2 + 127) << 23))
+    return fma(fma(p, r2, r), s, s)
 
 
 #: exp_class_f32's clamp and scale (exp_class_f64's below)
@@ -272,19 +264,21 @@ def exp_class_f32(d, err):
     k = kb - _RINT32
     r = fma(k, -_E32_LN2LO, fma(k, -_E32_LN2HI, d) + err)
     ki = np.int32(f32_bits(kb) - _RINT32_BITS)
-    return exp_poly_f32(r) * bits_f32(np.int32((ki + np.int32(127 + 64)) << 23))
+    return exp_scaled_f32(r, bits_f32(np.int32((ki + np.int32(127 + 64)) << 23)))
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def exp_neg_f32(x):
     """exp(x) for x <= 0 (and NaN); 0 below the subnormal range. k is read
     from the bits of the rounding sum instead of converted (no NaN guard;
-    why: csrc/fastsce_math.h)."""
+    why: csrc/fastsce_math.h). The scale 2^(k + 100) is normal for every k
+    here: only a subnormal result is rounded twice."""
     x = F32(-150.0) if x < F32(-150.0) else x
     kb = fma(x, _E32_LOG2E, _RINT32)
     k = kb - _RINT32
     r = fma(k, -_E32_LN2LO, fma(k, -_E32_LN2HI, x))
-    return times_pow2_f32(exp_poly_f32(r), np.int32(f32_bits(kb) - _RINT32_BITS))
+    ki = np.int32(f32_bits(kb) - _RINT32_BITS)
+    return exp_scaled_f32(r, bits_f32(np.int32((ki + np.int32(127 + 100)) << 23))) * F32(2.0 ** -100)
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
@@ -315,15 +309,14 @@ def log1p_unit_f32(e):
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def log1p_01_f32(e):
     """(log1p(e), 1/(1+e)) for e in [0, 1] (and NaN): e + e^2 h(e), h a
-    degree-9 fit of (log1p(e) - e) / e^2 in e - 1/2 (why and how accurate:
+    degree-8 fit of (log1p(e) - e) / e^2 in e (why and how accurate:
     csrc/fastsce_math.h)."""
-    h0, h1, h2, h3, h4, h5, h6, h7, h8, h9 = _LP32_H
-    t = e - F32(0.5)
-    t2 = t * t
-    t4 = t2 * t2                       # Estrin-like: 4 dependent fmas, not 9
-    h = fma(fma(fma(h9, t, h8), t4, fma(fma(h7, t, h6), t2, fma(h5, t, h4))), t4,
-            fma(fma(h3, t, h2), t2, fma(h1, t, h0)))
-    return fma(e * e, h, e), F32(1.0) / (F32(1.0) + e)
+    h0, h1, h2, h3, h4, h5, h6, h7, h8 = _LP32_H
+    e2 = e * e
+    e4 = e2 * e2                       # Estrin-like: 4 dependent fmas, not 8
+    h = fma(fma(h8, e4, fma(fma(h7, e, h6), e2, fma(h5, e, h4))), e4,
+            fma(fma(h3, e, h2), e2, fma(h1, e, h0)))
+    return fma(e2, h, e), F32(1.0) / (F32(1.0) + e)
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
@@ -368,13 +361,6 @@ def exp_poly_f64(hi, lo):
     return 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
 
 
-@jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
-def times_pow2_f64(p, ki):
-    k1 = ki >> 1
-    k2 = ki - k1
-    return p * bits_f64((k1 + 1023) << 52) * bits_f64((k2 + 1023) << 52)
-
-
 EXP_CLASS_MIN_F64 = -800.0
 EXP_CLASS_UNSCALE_F64 = 2.0 ** -140
 
@@ -392,12 +378,13 @@ def exp_class_f64(d, err):
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
 def exp_neg_f64(x):
-    """exp(x) for x <= 0 (and NaN): as exp_neg_f32, k from the bits."""
+    """exp(x) for x <= 0 (and NaN): as exp_neg_f32, k from the bits,
+    2^(k + 60) normal for k >= -1077."""
     x = -746.0 if x < -746.0 else x
     kb = x * _E64_LOG2E + _RINT64
     k = kb - _RINT64
     p = exp_poly_f64(x - k * _E64_LN2HI, k * _E64_LN2LO)
-    return times_pow2_f64(p, f64_bits(kb) - _RINT64_BITS)
+    return p * bits_f64((f64_bits(kb) - _RINT64_BITS + (1023 + 60)) << 52) * 2.0 ** -60
 
 
 @jit(nogil=True, fastmath=False, inline="always")  # explicit: see `jit`
