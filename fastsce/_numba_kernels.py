@@ -90,7 +90,8 @@ def _element(from_logits, divergence, ftype):
             # coef*|x| is 0 when coef is, even for |x| = inf (SPEC §2).
             lin = zero if coef == zero else coef * ax
             loss = fma(lp, az + zc, lin)
-            dloss = (fma(-az, e, zc) if pos else fma(zc, e, -az)) * inv
+            # the sign selects the fma's operands, not its result (as C)
+            dloss = fma(-az if pos else zc, e, zc if pos else -az) * inv
         else:
             lc = log(x)
             lc = clamp if lc < clamp else lc
