@@ -88,10 +88,7 @@ class Accumulator:
                     f"{getattr(out, 'shape', type(out).__name__)}")
             if not out.flags.writeable:
                 raise FastSCEValueError("`out` must be writeable; got a read-only array")
-            if not out.flags.aligned:
-                raise FastSCEValueError(
-                    f"`out` must be aligned to its {out.dtype.itemsize}-byte items in "
-                    f"address and strides; got strides {out.strides}")
+            _api.check_aligned("out", out)
         self.out = out
         self.options = dict(
             grad=out is not None, grad_scale=grad_scale, label_smoothing=label_smoothing,

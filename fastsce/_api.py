@@ -175,6 +175,18 @@ def _mask(mask, shape, what="the shape of `logits`"):
     return m
 
 
+def check_aligned(name, buf):
+    """An output must be aligned (the kernels store whole elements); inputs
+    that are not are read from a copy (`_layout.make_plan`)."""
+    if not buf.flags.aligned:
+        raise FastSCEValueError(
+            f"`{name}` must be aligned to its {buf.dtype.itemsize}-byte items in address and "
+            f"strides; got strides {buf.strides} and an address "
+            f"{buf.ctypes.data % buf.dtype.itemsize} bytes past an item boundary (np.frombuffer "
+            "with an offset, or a structured array's field?). Pass a fresh array."
+        )
+
+
 def _check_output(name, buf, shape, dtypes, inputs, what="the shape of `logits`"):
     if not isinstance(buf, np.ndarray):
         raise FastSCETypeError(f"`{name}` must be a numpy array; got {type(buf).__name__}")
@@ -193,13 +205,7 @@ def _check_output(name, buf, shape, dtypes, inputs, what="the shape of `logits`"
         )
     if not buf.flags.writeable:
         raise FastSCEValueError(f"`{name}` must be writeable; got a read-only array")
-    if not buf.flags.aligned:
-        raise FastSCEValueError(
-            f"`{name}` must be aligned to its {buf.dtype.itemsize}-byte items in address and "
-            f"strides; got strides {buf.strides} and an address "
-            f"{buf.ctypes.data % buf.dtype.itemsize} bytes past an item boundary (np.frombuffer "
-            "with an offset, or a structured array's field?). Pass a fresh array."
-        )
+    check_aligned(name, buf)
     if _self_overlapping(buf):
         raise FastSCEValueError(
             f"`{name}` must have one place in memory per element; got strides "
