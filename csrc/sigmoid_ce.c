@@ -55,6 +55,8 @@ const char *fastsce_cpu_path(void)
 const char *fastsce_cpu_path(void) { return "baseline (no run-time dispatch in this build)"; }
 #endif
 
+/* A row's sums; `bad` is nonzero when the row holds a counted target outside
+ * [0, scale] (the fused loops flag it; the walk counts them exactly). */
 typedef struct { double loss; int64_t count, bad; } seg_sums;
 
 /* One row of contiguous operands, as the segment loops see it. */
@@ -129,8 +131,9 @@ DEFINE_ELEMENT(f64, double)
 #define IS_INT(T) IS_INT_##T
 #define IS_UNSIGNED(T) ((T)-1 > (T)0)      /* uint8/uint16 codes; (T)-1 their top */
 
-/* The contiguous loop over one row; flags are compile-time in every caller. */
-#define DEFINE_SEGMENT(XN, X, TN, T)                                                   \
+/* The contiguous loop over one row of float targets (integer ones arrive
+ * converted to X); flags are compile-time in every caller. */
+#define DEFINE_LOOP(XN, X, TN, T)                                                      \
 ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,             \
         int divergence, int extras, int want_g, int want_l, int has_ignore)            \
 {                                                                                      \
@@ -145,15 +148,18 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
     /* has_ignore: integer codes (converted) with an ignore_value, compared as */     \
     /* X. Compile-time, as in Numba: W2 at 1 thread 0.77 -> 0.81 Gelem/s     */       \
     const X ignore = (X)p->ignore;                                                     \
+    const RKEY(T) top_ok = rkey_top_##T(p->scale);                                     \
     const int64_t n = s->n;                                                            \
     double total = 0.0;                                                                \
-    int32_t count = 0, bad = 0;     /* n <= FASTSCE_BLOCK: 32-bit lanes suffice */     \
-    _Pragma("omp simd reduction(+:total,count,bad)")                                   \
+    int32_t count = 0;              /* n <= FASTSCE_BLOCK: 32-bit lanes suffice */     \
+    RKEY(T) top = 0;                                                                   \
+    _Pragma("omp simd reduction(+:total,count) reduction(max:top)")                    \
     for (int64_t i = 0; i < n; i++) {                                                  \
         X tf = (X)t[i];                                                                \
         int valid = extras ? mk[i] != (X)0 : 1;                                        \
         valid = valid && !(has_ignore && tf == ignore);                                \
-        bad += valid && !(tf >= (X)0 && tf <= sc);                                     \
+        RKEY(T) key = valid ? rkey_##T(t[i]) : 0;                                      \
+        top = key > top ? key : top;                                                   \
         X dl;                                                                          \
         X loss = element_##XN(x[i], tf, sc, zs, shift, extras ? pw[i] : (X)1,          \
                               extras ? w[i] : (X)1, gs, from_logits, divergence, &dl); \
@@ -163,9 +169,22 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
         if (want_g) g[i] = valid ? dl : (X)0;                                          \
         if (want_l) l[i] = loss;                                                       \
     }                                                                                  \
-    seg_sums r = {total, count, bad};                                                  \
+    /* every element counts unless masked or ignored: no sum needed then     */    \
+    seg_sums r = {total, extras || has_ignore ? count : n, top > top_ok};              \
     return r;                                                                          \
-}                                                                                      \
+}
+DEFINE_LOOP(f32, float, f32, float)
+DEFINE_LOOP(f64, double, f64, double)
+DEFINE_LOOP(f32, float, f64, double)
+DEFINE_LOOP(f64, double, f32, float)
+/* The loop a target type's segment runs: integer codes go through X's own. */
+#define LOOP_f32(XN) loop_##XN##_f32
+#define LOOP_f64(XN) loop_##XN##_f64
+#define LOOP_u8(XN) loop_##XN##_##XN
+#define LOOP_u16(XN) loop_##XN##_##XN
+#define LOOP(XN, TN) LOOP_##TN(XN)
+
+#define DEFINE_SEGMENT(XN, X, TN, T)                                                   \
 /* Integer targets and the mask are converted to the compute type in chunks   */     \
 /* first: a loop mixing 8-bit loads with float64 sums does not vectorize (the  */     \
 /* masked loop ran 10x slower than Numba's).                                   */     \
@@ -173,7 +192,7 @@ ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,  
         int divergence, int extras, int want_g, int want_l)                            \
 {                                                                                      \
     if (!IS_INT(T) && !extras)                                                         \
-        return loop_##XN##_##TN(s, from_logits, divergence, extras, want_g, want_l, 0);\
+        return LOOP(XN, TN)(s, from_logits, divergence, extras, want_g, want_l, 0);    \
     const int with_ignore = IS_INT(T) && s->p->has_ignore;                             \
     const T *t = (const T *)s->t;                                                      \
     X tb[TARGET_CHUNK], mb[TARGET_CHUNK];                                              \
@@ -196,11 +215,9 @@ ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,  
         }                                                                              \
         if (want_g) sub.g = (X *)s->g + c;                                             \
         if (want_l) sub.l = (X *)s->l + c;                                             \
-        seg_sums q = IS_INT(T)                                                         \
-            ? (with_ignore                                                             \
-               ? loop_##XN##_##XN(&sub, from_logits, divergence, extras, want_g, want_l, 1) \
-               : loop_##XN##_##XN(&sub, from_logits, divergence, extras, want_g, want_l, 0)) \
-            : loop_##XN##_##TN(&sub, from_logits, divergence, extras, want_g, want_l, 0);\
+        seg_sums q = with_ignore                                                       \
+            ? LOOP(XN, TN)(&sub, from_logits, divergence, extras, want_g, want_l, 1)   \
+            : LOOP(XN, TN)(&sub, from_logits, divergence, extras, want_g, want_l, 0);  \
         r.loss += q.loss;                                                              \
         r.count += q.count;                                                            \
         r.bad += q.bad;                                                                \
@@ -236,29 +253,35 @@ FASTSCE_CLONES static seg_sums seg_##XN##_##TN##_##FL##DV##EX##WG##WL(const seg_
 
 /* -------------------------------------------------------- scalar helpers */
 
-/* Index of the first counted target outside [0, scale] in a row (rare path). */
-#define DEFINE_FIRST_BAD(TN, T)                                                        \
-static int64_t first_bad_##TN(const T *t, const uint8_t *m, int64_t n,                 \
-                              const fastsce_params *p)                          \
+/* How many counted targets of a row lie outside [0, scale], compared exactly
+ * (in float64), and the first one's index in *first (rare path). */
+#define DEFINE_BAD_TARGETS(TN, T)                                                      \
+static int64_t bad_targets_##TN(const T *t, const uint8_t *m, int64_t n,               \
+                                const fastsce_params *p, int64_t *first)               \
 {                                                                                      \
+    int64_t bad = 0;                                                                   \
+    *first = -1;                                                                       \
     for (int64_t i = 0; i < n; i++) {                                                  \
         int valid = m ? m[i] != 0 : 1;                                                 \
         if (IS_INT(T) && p->has_ignore && t[i] == (T)p->ignore) valid = 0;             \
         double tf = (double)t[i];                                                      \
-        if (valid && !(tf >= 0.0 && tf <= p->scale)) return i;                         \
+        if (valid && !(tf >= 0.0 && tf <= p->scale)) {                                 \
+            if (*first < 0) *first = i;                                                \
+            bad++;                                                                     \
+        }                                                                              \
     }                                                                                  \
-    return -1;                                                                         \
+    return bad;                                                                        \
 }
-DEFINE_FIRST_BAD(f32, float)
-DEFINE_FIRST_BAD(f64, double)
-DEFINE_FIRST_BAD(u8, uint8_t)
-DEFINE_FIRST_BAD(u16, uint16_t)
-DEFINE_FIRST_BAD(i64, int64_t)
+DEFINE_BAD_TARGETS(f32, float)
+DEFINE_BAD_TARGETS(f64, double)
+DEFINE_BAD_TARGETS(u8, uint8_t)
+DEFINE_BAD_TARGETS(u16, uint16_t)
+DEFINE_BAD_TARGETS(i64, int64_t)
 
 /* ------------------------------------------------------------- the walk */
 
-typedef int64_t (*first_bad_fn)(const void *, const uint8_t *, int64_t,
-                                const fastsce_params *);
+typedef int64_t (*bad_targets_fn)(const void *, const uint8_t *, int64_t,
+                                  const fastsce_params *, int64_t *);
 
 typedef struct {
     int ndim;
@@ -269,7 +292,7 @@ typedef struct {
     int64_t size[FASTSCE_NSLOTS];       /* bytes per element as computed    */
     int neutral[FASTSCE_NSLOTS];        /* absent but read: neutral values  */
     segment_fn segment;
-    first_bad_fn first_bad;
+    bad_targets_fn bad_targets;
     const fastsce_params *p;
     const double *gscale;
     double *part_loss;
@@ -337,10 +360,13 @@ static void run_block(const void *ctx, int64_t b, void *scratch)
             if (k->base[s] && st != 1)
                 strided_row((char *)k->base[s] + off[s] * it, st, buf[s], 1, n, it);
         }
-        if (r.bad && first < 0) first = i + k->first_bad(ptr[ST], k->base[SM] ? (const uint8_t *)ptr[SM] : NULL, n, k->p);
+        if (r.bad) {
+            int64_t f;
+            bad += k->bad_targets(ptr[ST], k->base[SM] ? (const uint8_t *)ptr[SM] : NULL, n, k->p, &f);
+            if (first < 0 && f >= 0) first = i + f;
+        }
         total += r.loss;
         count += r.count;
-        bad += r.bad;
         i += n;
     }
     if (k->part_loss) k->part_loss[b] = total;
@@ -397,7 +423,7 @@ int fastsce_sigmoid_ce_##XN##_##TN(int ndim, const int64_t *shape, int64_t group
     int index = (p->from_logits != 0) << 4 | (p->divergence != 0) << 3 | extras << 2   \
                 | (g != NULL) << 1 | (l != NULL);                                      \
     k.segment = table_##XN##_##TN[index];                                              \
-    k.first_bad = (first_bad_fn)first_bad_##TN;                                        \
+    k.bad_targets = (bad_targets_fn)bad_targets_##TN;                                  \
     k.gscale = gscale;                                                                 \
     k.part_loss = part_loss;                                                           \
     k.part_count = part_count;                                                         \
@@ -460,7 +486,7 @@ int fastsce_count_valid_##TN(int ndim, const int64_t *shape, int64_t group_size,
     set_slot(&k, ST, t, sizeof(T));                                                    \
     set_slot(&k, SM, m, 1);                                                            \
     k.segment = count_##TN;                                                            \
-    k.first_bad = (first_bad_fn)first_bad_##TN;                                        \
+    k.bad_targets = (bad_targets_fn)bad_targets_##TN;                                  \
     k.part_count = part_count;                                                         \
     k.part_bad = part_bad;                                                             \
     k.part_first = part_first;                                                         \

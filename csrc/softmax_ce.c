@@ -226,7 +226,7 @@ ALWAYS_INLINE tile_sums chunk_##XN##_##TN(const tile_args *a, int64_t q0, int64_
     return r;                                                                          \
 }                                                                                      \
 /* (1), streaming whole class rows of the tile: the maxima, and per pixel              \
- * how many of its soft targets lie outside [0, scale]. */                             \
+ * how many of its soft targets lie outside [0, scale] (walk.h's keys). */             \
 ALWAYS_INLINE void rows_##XN##_##TN(const tile_args *a, int from_logits)               \
 {                                                                                      \
     const X *x = (const X *)a->x;                                                      \
@@ -242,13 +242,25 @@ ALWAYS_INLINE void rows_##XN##_##TN(const tile_args *a, int from_logits)        
             }                                                                          \
     }                                                                                  \
     if (!IS_HARD(T)) {                                                                 \
-        const X sc = (X)a->p->scale;                                                   \
-        SIMD for (int64_t q = 0; q < n; q++) nbad[q] = (X)0;                           \
-        for (int64_t k = 0; k < C; k++)                                                \
-            SIMD for (int64_t q = 0; q < n; q++) {                                     \
-                X t = (X)z[k * a->zcs + q];                                            \
-                nbad[q] += (t >= (X)0 && t <= sc) ? (X)0 : (X)1;                       \
+        const RKEY(T) top_ok = rkey_top_##T(a->p->scale);                              \
+        RKEY(T) top = 0;                                                               \
+        for (int64_t k = 0; k < C; k++) {                                              \
+            const T *zk = z + k * a->zcs;                                              \
+            RKEY(T) rt = 0;                                                            \
+            _Pragma("omp simd reduction(max:rt)")                                      \
+            for (int64_t q = 0; q < n; q++) {                                          \
+                RKEY(T) key = rkey_##T(zk[q]);                                         \
+                rt = key > rt ? key : rt;                                              \
             }                                                                          \
+            top = rt > top ? rt : top;                                                 \
+        }                                                                              \
+        SIMD for (int64_t q = 0; q < n; q++) nbad[q] = (X)0;                           \
+        if (top > top_ok)       /* rare: which pixels, exactly (masks apply in (3)) */ \
+            for (int64_t k = 0; k < C; k++)                                            \
+                SIMD for (int64_t q = 0; q < n; q++) {                                 \
+                    T t = z[k * a->zcs + q];                                           \
+                    nbad[q] += rkey_##T(t) > top_ok && t != (T)0 ? (X)1 : (X)0;        \
+                }                                                                      \
     }                                                                                  \
 }                                                                                      \
 ALWAYS_INLINE tile_sums tile_##XN##_##TN(const tile_args *a, int from_logits,          \

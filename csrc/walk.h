@@ -10,6 +10,37 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
+/* The soft-target range check as one unsigned maximum: a float's bits order
+ * like its value on [+0, inf] and lie above all of those for -0, negatives
+ * and NaN (sign or exponent bits), and a code is its own key; so targets lie
+ * in [0, scale] iff their largest key is at most that of the largest value
+ * <= scale (-0 a false alarm: exactly, t is bad iff key > top && t != 0).
+ * A max per element instead of two compares, a mask and an add (with its
+ * count of n, the binary float32 loop: 74 -> 68 instructions per 16). */
+#define RKEY_float uint32_t
+#define RKEY_double uint64_t
+#define RKEY_uint8_t uint32_t
+#define RKEY_uint16_t uint32_t
+#define RKEY_int64_t uint64_t
+#define RKEY(T) RKEY_##T
+ALWAYS_INLINE uint32_t rkey_float(float t) { uint32_t k; memcpy(&k, &t, 4); return k; }
+ALWAYS_INLINE uint64_t rkey_double(double t) { uint64_t k; memcpy(&k, &t, 8); return k; }
+ALWAYS_INLINE uint32_t rkey_uint8_t(uint8_t t) { return t; }
+ALWAYS_INLINE uint32_t rkey_uint16_t(uint16_t t) { return t; }
+ALWAYS_INLINE uint64_t rkey_int64_t(int64_t t) { return (uint64_t)t; }
+static inline uint32_t rkey_top_float(double scale)
+{
+    float f = (float)scale;         /* rounded up past scale: the float below */
+    return rkey_float(f) - ((double)f > scale);
+}
+static inline uint64_t rkey_top_double(double scale) { return rkey_double(scale); }
+#define DEFINE_RKEY_TOP(T)                                                             \
+static inline RKEY(T) rkey_top_##T(double scale)                                       \
+{ return scale >= (double)(RKEY(T))-1 ? (RKEY(T))-1 : (RKEY(T))scale; }
+DEFINE_RKEY_TOP(uint8_t)
+DEFINE_RKEY_TOP(uint16_t)
+DEFINE_RKEY_TOP(int64_t)
+
 /* A read prefetch into every cache level (a no-op where the compiler has none). */
 #if defined(__GNUC__)
 #define PREFETCH(p) __builtin_prefetch((p), 0, 3)

@@ -109,6 +109,41 @@ def _element(from_logits, divergence, ftype):
     return element
 
 
+def range_key(t):
+    """A target's range key (as csrc's rkey): unsigned, ordered like a float's
+    value on [+0, inf] and above all of those for -0, negatives and NaN (its
+    bits); an integer code is its own key."""
+
+
+def range_top(t, scale):
+    """The key of the largest value of array t's type <= scale, and the key
+    type's 0: a row holds a target outside [0, scale] iff its largest key is
+    above the first (-0 is a false alarm the exact count clears). Numba widens
+    integer arithmetic to 64 bits, so every key is cast back to its type: a
+    64-bit maximum would make the loop 8 lanes wide instead of 16."""
+
+
+@overload(range_key, jit_options=_EXACT)
+def _range_key(t):
+    if t == types.float32:
+        return lambda t: np.uint32(M.f32_bits(t))
+    if t == types.float64:
+        return lambda t: np.uint64(M.f64_bits(t))
+    return lambda t: np.uint32(t)
+
+
+@overload(range_top, jit_options=_EXACT)
+def _range_top(t, scale):
+    if t.dtype == types.float32:
+        def top(t, scale):
+            f = np.float32(scale)       # rounded up past scale: the float below
+            return np.uint32(M.f32_bits(f) - np.int32(np.float64(f) > scale)), np.uint32(0)
+        return top
+    if t.dtype == types.float64:
+        return lambda t, scale: (np.uint64(M.f64_bits(scale)), np.uint64(0))
+    return lambda t, scale: (np.uint32(min(scale, 4294967295.0)), np.uint32(0))
+
+
 @functools.lru_cache(maxsize=None)
 def _segment(from_logits, divergence, ftype):
     """The contiguous inner loop: n elements of every present operand."""
@@ -127,7 +162,7 @@ def _segment(from_logits, divergence, ftype):
         # 32-bit counters (n <= BLOCK): 64-bit ones make LLVM vectorize the
         # loop 8 floats wide instead of 16 (half speed with AVX-512).
         count = np.int32(0)
-        bad = np.int32(0)
+        top_ok, top = range_top(t, scale)
         for i in range(n):
             ti = t[i]
             valid = True
@@ -135,8 +170,9 @@ def _segment(from_logits, divergence, ftype):
                 valid = m[i]
             if ignore is not None:
                 valid = valid and ti != ignore
+            key = range_key(ti)
+            top = key if valid and key > top else top
             tf = F(ti)
-            bad = np.int32(bad + (valid and not (tf >= zero and tf <= sc)))
             a = one if pw is None else pw[i]
             wi = one if w is None else w[i]
             loss, dloss = element(x[i], tf, sc, zs, shift, a, wi, gsf)
@@ -147,7 +183,9 @@ def _segment(from_logits, divergence, ftype):
                 g[i] = dloss if valid else zero
             if l is not None:
                 l[i] = loss
-        return _sum64(losses, n), count, bad
+        # every element counts unless masked or ignored (as C)
+        every = m is None and ignore is None
+        return _sum64(losses, n), n if every else count, top > top_ok
 
     return segment
 
@@ -177,13 +215,17 @@ def _sum64(values, n):
 
 
 @jit(**_OPTS)
-def _first_bad(t, m, n, scale, ignore):
-    """Index of the first counted target outside [0, scale] (rare path, scalar)."""
+def _bad_targets(t, m, n, scale, ignore):
+    """How many counted targets of a row lie outside [0, scale], compared
+    exactly (in float64), and the first one's index (rare path)."""
+    bad = 0
+    first = -1
     for i in range(n):
         tf = np.float64(t[i])
         if _valid(m, t, i, ignore) and not (tf >= 0.0 and tf <= scale):
-            return i
-    return -1
+            first = i if first < 0 else first
+            bad += 1
+    return bad, first
 
 
 @jit(**_OPTS)
@@ -345,11 +387,13 @@ def _driver(segment, ftype):
                                                  ignore, gs, losses)
                 _scatter(g, off[5], strides[5, ndim - 1], n, gb)
                 _scatter(l, off[6], strides[6, ndim - 1], n, lb)
-                if s_bad and first < 0:
-                    first = i + _first_bad(tv, mv, n, scale, ignore)
+                if s_bad:
+                    r_bad, r_first = _bad_targets(tv, mv, n, scale, ignore)
+                    bad += r_bad
+                    if first < 0 and r_first >= 0:
+                        first = i + r_first
                 total += s_loss
                 count += s_count
-                bad += s_bad
                 i += n
             part_loss[b] = total
             part_count[b] = count

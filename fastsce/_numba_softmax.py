@@ -38,7 +38,8 @@ from ._numba_math import copy_elements, jit, prefetch, store_fence, stream_eleme
 from ._layout import BUF_PAD
 from ._numba_convert import convert
 from ._numba_kernels import (_ACC, _EXACT, _EXP_CLASS, _MATH, _OPTS, _absent, _by_type, _out,
-                              _scatter, _scratch, _view, block_range, row_offsets)
+                              _scatter, _scratch, _view, block_range, range_key, range_top,
+                              row_offsets)
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
 #: Pixels per chunk. The C twin uses 16 and keeps the per-pixel sums in
@@ -175,7 +176,6 @@ def _tile(from_logits, divergence, hard, ftype):
              gs, sc, valid, lb):
         """(1) streaming whole class rows, then steps (2)-(4) chunk by chunk."""
         mx, nbad, e, wzs, s, W, A, H, ties, ok, wf, isr, fac, esb, wzb, ab, hb = sc
-        sca = F(scale)
         if from_logits:
             x0 = x[xo:xo + n]
             for q in range(n):
@@ -185,13 +185,23 @@ def _tile(from_logits, divergence, hard, ftype):
                 for q in range(n):
                     mx[q] = xk[q] if xk[q] > mx[q] else mx[q]
         if not hard:
-            for q in range(n):
-                nbad[q] = zero
+            # soft targets against [0, scale] by their largest key (as C)
+            top_ok, top = range_top(z, scale)
             for k in range(C):
                 zk = z[zo + k * zcs:zo + k * zcs + n]
+                rt = top                    # the row's own running max vectorizes
                 for q in range(n):
-                    t = F(zk[q])
-                    nbad[q] += zero if (t >= zero and t <= sca) else one
+                    key = range_key(zk[q])
+                    rt = key if key > rt else rt
+                top = rt
+            for q in range(n):
+                nbad[q] = zero
+            if top > top_ok:        # rare: which pixels, exactly (masks apply in (3))
+                for k in range(C):
+                    zk = z[zo + k * zcs:zo + k * zcs + n]
+                    for q in range(n):
+                        t = zk[q]
+                        nbad[q] += one if range_key(t) > top_ok and t != 0 else zero
         inv = F(1.0 / scale)
         keep = F(1.0 - eps)
         shift = F(eps / C)

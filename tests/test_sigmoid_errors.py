@@ -112,6 +112,47 @@ def test_target_out_of_range_names_count_and_first_index(backend):
     assert re.search(r"\(1, 4\)", msg) or re.search(rf"\b{flat}\b", msg), msg
 
 
+@pytest.mark.parametrize("zdtype", [np.float32, np.float64])
+def test_target_range_counts_exactly_in_long_rows(backend, zdtype):
+    """The fast kernels flag a row by its largest target key and count in a
+    rare path: the count and first index stay exact, masked ones excluded."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 5000)).astype(np.float32)
+    z = rng.random(x.shape).astype(zdtype)
+    flat = np.sort(rng.choice(z.size, 100, replace=False))
+    z.flat[flat] = rng.choice([1.5, -0.5, np.nan, np.inf, -np.inf], flat.size)
+    mask = np.ones(x.shape, bool)
+    mask.flat[flat[:7]] = False
+    with pytest.raises(ValueError, match=rf"found 93 value.*at index \({flat[7] // 5000}, "
+                                          rf"{flat[7] % 5000}\)"):
+        sce(x, z, mask=mask, grad=True, backend=backend)
+
+
+@pytest.mark.parametrize("zdtype", [np.float32, np.float64])
+def test_negative_zero_targets_are_in_range(backend, zdtype):
+    """-0 has the sign bit (the fast kernels' false alarm): never an error, and
+    the same numbers as +0."""
+    x, _ = case((3, 700), np.float32)
+    z = np.full(x.shape, -0.0, zdtype)
+    got = sce(x, z, reduction="none", grad=True, backend=backend)
+    ref = sce(x, np.abs(z), reduction="none", grad=True, backend=backend)
+    np.testing.assert_array_equal(got.loss, ref.loss)
+    np.testing.assert_array_equal(got.grad, ref.grad)
+
+
+def test_target_range_is_checked_in_the_targets_precision(backend):
+    """[0, scale] is compared exactly, not after rounding to the logits' type."""
+    x, _ = case((2, 300), np.float32)
+    z = np.full(x.shape, 1.0)
+    z[1, 17] = 1.0 + 2.0 ** -40         # float64 target, float32 logits: 1.0f
+    with pytest.raises(ValueError, match=r"found 1 value.*\(1, 17\)"):
+        sce(x, z, backend=backend)
+    z32 = np.full(x.shape, np.float32(0.1), np.float32)   # 0.1f > 0.1
+    with pytest.raises(ValueError, match=r"found 600 value.*\(0, 0\)"):
+        sce(x, z32, target_scale=0.1, backend=backend)
+    sce(x, z32, target_scale=float(np.float32(0.1)), backend=backend)
+
+
 def test_target_errors_are_element_wise_exclusions(backend):
     x, z = case()
     z[0, 0] = 2.0

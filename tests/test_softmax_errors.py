@@ -247,6 +247,25 @@ def test_first_bad_pixel_does_not_depend_on_layout_or_path(backend):
     assert msgs["NHWC"] == "0, 1, 4", msgs
 
 
+def test_soft_target_range_is_exact(backend):
+    """[0, scale] is compared in the targets' precision, not after rounding to
+    the logits' type; -0 (the fast kernels' false alarm: its sign bit) is in
+    range and gives the numbers +0 gives."""
+    x, z = case()
+    x = x.astype(np.float32)
+    z[1, 2, 3, 4] = 1.0 + 2.0 ** -40    # float64 target, float32 logits: 1.0f
+    with pytest.raises(ValueError, match=r"found 1 value.*\(1, 3, 4\)"):
+        smx(x, z, backend=backend)
+    z = np.zeros(SHAPE)
+    z[:, 0] = 1.0
+    zn = z.copy()
+    zn[:, 1:] = -0.0
+    got = smx(x, zn, reduction="none", backend=backend)
+    ref = smx(x, z, reduction="none", backend=backend)
+    np.testing.assert_array_equal(got.loss, ref.loss)
+    np.testing.assert_array_equal(got.grad, ref.grad)
+
+
 def test_soft_target_errors_exclude_masked_pixels(backend):
     x, z = case()
     z[1, 2, 3, 4] = 1.25
