@@ -253,22 +253,30 @@ FASTSCE_CLONES static seg_sums seg_##XN##_##TN##_##FL##DV##EX##WG##WL(const seg_
 
 /* -------------------------------------------------------- scalar helpers */
 
-/* How many counted targets of a row lie outside [0, scale], compared exactly
- * (in float64), and the first one's index in *first (rare path). */
+/* Whether element i of a row counts and lies outside [0, scale], compared
+ * exactly (in float64). */
 #define DEFINE_BAD_TARGETS(TN, T)                                                      \
+ALWAYS_INLINE int is_bad_##TN(const T *t, const uint8_t *m, int64_t i,                 \
+                              const fastsce_params *p)                                 \
+{                                                                                      \
+    int valid = m ? m[i] != 0 : 1;                                                     \
+    if (IS_INT(T) && p->has_ignore && t[i] == (T)p->ignore) valid = 0;                 \
+    double tf = (double)t[i];                                                          \
+    return valid && !(tf >= 0.0 && tf <= p->scale);                                    \
+}                                                                                      \
+/* The rare path of a flagged row: how many, and the first one's index in    */      \
+/* *first if asked (else NULL). A vectorized count: with check=False, or -0   */      \
+/* targets, every row of a map may be flagged.                                */      \
 static int64_t bad_targets_##TN(const T *t, const uint8_t *m, int64_t n,               \
                                 const fastsce_params *p, int64_t *first)               \
 {                                                                                      \
     int64_t bad = 0;                                                                   \
-    *first = -1;                                                                       \
-    for (int64_t i = 0; i < n; i++) {                                                  \
-        int valid = m ? m[i] != 0 : 1;                                                 \
-        if (IS_INT(T) && p->has_ignore && t[i] == (T)p->ignore) valid = 0;             \
-        double tf = (double)t[i];                                                      \
-        if (valid && !(tf >= 0.0 && tf <= p->scale)) {                                 \
-            if (*first < 0) *first = i;                                                \
-            bad++;                                                                     \
-        }                                                                              \
+    _Pragma("omp simd reduction(+:bad)")                                               \
+    for (int64_t i = 0; i < n; i++) bad += is_bad_##TN(t, m, i, p);                    \
+    if (first) {                                                                       \
+        *first = -1;                                                                   \
+        for (int64_t i = 0; bad && i < n; i++)                                         \
+            if (is_bad_##TN(t, m, i, p)) { *first = i; break; }                        \
     }                                                                                  \
     return bad;                                                                        \
 }
@@ -361,9 +369,10 @@ static void run_block(const void *ctx, int64_t b, void *scratch)
                 strided_row((char *)k->base[s] + off[s] * it, st, buf[s], 1, n, it);
         }
         if (r.bad) {
-            int64_t f;
-            bad += k->bad_targets(ptr[ST], k->base[SM] ? (const uint8_t *)ptr[SM] : NULL, n, k->p, &f);
-            if (first < 0 && f >= 0) first = i + f;
+            int64_t f = -1;
+            bad += k->bad_targets(ptr[ST], k->base[SM] ? (const uint8_t *)ptr[SM] : NULL, n,
+                                  k->p, first < 0 ? &f : NULL);
+            if (f >= 0) first = i + f;
         }
         total += r.loss;
         count += r.count;

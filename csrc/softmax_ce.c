@@ -15,8 +15,8 @@
  *    NCHW and NHWC give bitwise the same numbers. A float16 or byte-swapped
  *    input is gathered whatever its layout, converting (csrc/convert.h).
  *  - Per tile: (1) stream whole class rows once for the per-pixel maximum and
- *    the count of out-of-range soft targets (this also brings the tile into
- *    cache). Then per CHUNK of pixels, whose per-pixel sums stay in registers:
+ *    the largest target key (walk.h; out-of-range ones are counted per pixel
+ *    only if it is too large), which also brings the tile into cache. Then per CHUNK of pixels, whose per-pixel sums stay in registers:
  *    (2) exp(x - m) (the rounding of x - m put back, TwoSum), stored with w z
  *    for (4), and float64 sums r = the exps of the classes below the maximum
  *    (the maxima's exps are exactly 1 and are counted), W = sum w z,

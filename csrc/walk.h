@@ -12,11 +12,13 @@
 
 /* The soft-target range check as one unsigned maximum: a float's bits order
  * like its value on [+0, inf] and lie above all of those for -0, negatives
- * and NaN (sign or exponent bits), and a code is its own key; so targets lie
+ * and NaN (sign or exponent bits), and a code is its own key (the binary C
+ * loop keys codes converted to floats: the same test); so targets lie
  * in [0, scale] iff their largest key is at most that of the largest value
  * <= scale (-0 a false alarm: exactly, t is bad iff key > top && t != 0).
  * A max per element instead of two compares, a mask and an add (with its
- * count of n, the binary float32 loop: 74 -> 68 instructions per 16). */
+ * count of n, the binary float32 loop: 74 -> 68 instructions per 16). The
+ * int64 versions only let the softmax's hard-label build compile. */
 #define RKEY_float uint32_t
 #define RKEY_double uint64_t
 #define RKEY_uint8_t uint32_t
@@ -30,6 +32,7 @@ ALWAYS_INLINE uint32_t rkey_uint16_t(uint16_t t) { return t; }
 ALWAYS_INLINE uint64_t rkey_int64_t(int64_t t) { return (uint64_t)t; }
 static inline uint32_t rkey_top_float(double scale)
 {
+    if (scale >= 0x1.fffffep127) return rkey_float(0x1.fffffep127f); /* cast: UB above */
     float f = (float)scale;         /* rounded up past scale: the float below */
     return rkey_float(f) - ((double)f > scale);
 }

@@ -123,12 +123,17 @@ def range_top(t, scale):
     64-bit maximum would make the loop 8 lanes wide instead of 16."""
 
 
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+
 @overload(range_key, jit_options=_EXACT)
 def _range_key(t):
     if t == types.float32:
         return lambda t: np.uint32(M.f32_bits(t))
     if t == types.float64:
         return lambda t: np.uint64(M.f64_bits(t))
+    if t.bitwidth == 64:    # (int64 hard labels: only compiled, as in C)
+        return lambda t: np.uint64(t)
     return lambda t: np.uint32(t)
 
 
@@ -136,11 +141,17 @@ def _range_key(t):
 def _range_top(t, scale):
     if t.dtype == types.float32:
         def top(t, scale):
+            scale = min(scale, _FLT_MAX)    # as C, whose cast would be UB above
             f = np.float32(scale)       # rounded up past scale: the float below
             return np.uint32(M.f32_bits(f) - np.int32(np.float64(f) > scale)), np.uint32(0)
         return top
     if t.dtype == types.float64:
         return lambda t, scale: (np.uint64(M.f64_bits(scale)), np.uint64(0))
+    if t.dtype.bitwidth == 64:
+        def top64(t, scale):
+            top = np.uint64(scale) if scale < 2.0 ** 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
+            return top, np.uint64(0)
+        return top64
     return lambda t, scale: (np.uint32(min(scale, 4294967295.0)), np.uint32(0))
 
 
@@ -196,12 +207,9 @@ def _count_segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs, losses):
     in-place out=logits)."""
     count = 0
     bad = 0
-    sc = np.float64(scale)
     for i in range(n):
-        valid = _valid(m, t, i, ignore)
-        tf = np.float64(t[i])
-        bad += valid and not (tf >= 0.0 and tf <= sc)
-        count += valid
+        count += _valid(m, t, i, ignore)
+        bad += _is_bad(t, m, i, scale, ignore)
     return 0.0, count, bad
 
 
@@ -215,17 +223,26 @@ def _sum64(values, n):
 
 
 @jit(**_OPTS)
-def _bad_targets(t, m, n, scale, ignore):
-    """How many counted targets of a row lie outside [0, scale], compared
-    exactly (in float64), and the first one's index (rare path)."""
+def _is_bad(t, m, i, scale, ignore):
+    """Whether element i counts and lies outside [0, scale], compared exactly
+    (in float64)."""
+    tf = np.float64(t[i])
+    return _valid(m, t, i, ignore) and not (tf >= 0.0 and tf <= scale)
+
+
+@jit(**_OPTS)
+def _bad_targets(t, m, n, scale, ignore, want_first):
+    """The rare path of a flagged row: how many, and the first one's index if
+    wanted (else -1). A vectorized count: with check=False, or -0 targets,
+    every row of a map may be flagged."""
     bad = 0
-    first = -1
     for i in range(n):
-        tf = np.float64(t[i])
-        if _valid(m, t, i, ignore) and not (tf >= 0.0 and tf <= scale):
-            first = i if first < 0 else first
-            bad += 1
-    return bad, first
+        bad += _is_bad(t, m, i, scale, ignore)
+    if want_first and bad:
+        for i in range(n):
+            if _is_bad(t, m, i, scale, ignore):
+                return bad, i
+    return bad, -1
 
 
 @jit(**_OPTS)
@@ -388,9 +405,9 @@ def _driver(segment, ftype):
                 _scatter(g, off[5], strides[5, ndim - 1], n, gb)
                 _scatter(l, off[6], strides[6, ndim - 1], n, lb)
                 if s_bad:
-                    r_bad, r_first = _bad_targets(tv, mv, n, scale, ignore)
+                    r_bad, r_first = _bad_targets(tv, mv, n, scale, ignore, first < 0)
                     bad += r_bad
-                    if first < 0 and r_first >= 0:
+                    if r_first >= 0:
                         first = i + r_first
                 total += s_loss
                 count += s_count

@@ -14,7 +14,8 @@ Design
   NCHW and NHWC give bitwise the same numbers. A float16 or byte-swapped
   input is gathered whatever its layout, converting (`_numba_convert`).
 * Per tile: (1) stream whole class rows once for the per-pixel maximum and
-  the count of out-of-range soft targets (this also brings the tile into
+  the largest target key (out-of-range ones are counted per pixel only if
+  it is too large; this also brings the tile into
   cache). Then per chunk of pixels, with its per-pixel sums kept close:
   (2) exp(x - m) (the rounding of x - m put back, TwoSum), stored with w z
   for (4), and float64 sums r = sum of the exps of the classes below the

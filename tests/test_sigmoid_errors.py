@@ -153,6 +153,27 @@ def test_target_range_is_checked_in_the_targets_precision(backend):
     sce(x, z32, target_scale=float(np.float32(0.1)), backend=backend)
 
 
+def test_target_range_edges(backend):
+    """The key order's edges: a NaN with its sign bit, +inf under a scale
+    above float32's largest value, codes under a scale below 1."""
+    x, _ = case((2, 40), np.float32)
+    z = np.full(x.shape, 0.5, np.float32)
+    z[1, 3] = -np.float32("nan")
+    z[1, 9] = np.nan
+    with pytest.raises(ValueError, match=r"found 2 value.*\(1, 3\)"):
+        sce(x, z, backend=backend)
+    big = np.full(x.shape, np.finfo(np.float32).max, np.float32)
+    sce(x, big, target_scale=1e39, check=True, backend=backend)
+    big[0, 5] = np.inf
+    with pytest.raises(ValueError, match=r"found 1 value.*\(0, 5\)"):
+        sce(x, big, target_scale=1e39, backend=backend)
+    codes = np.zeros(x.shape, np.uint8)
+    sce(x, codes, target_scale=0.5, backend=backend)
+    codes[1, 39] = 1
+    with pytest.raises(ValueError, match=r"found 1 value.*\(1, 39\)"):
+        sce(x, codes, target_scale=0.5, backend=backend)
+
+
 def test_target_errors_are_element_wise_exclusions(backend):
     x, z = case()
     z[0, 0] = 2.0
