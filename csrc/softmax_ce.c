@@ -16,7 +16,8 @@
  *    input is gathered whatever its layout, converting (csrc/convert.h).
  *  - Per tile: (1) stream whole class rows once for the per-pixel maximum and
  *    the largest target key (walk.h; out-of-range ones are counted per pixel
- *    only if it is too large), which also brings the tile into cache. Then per CHUNK of pixels, whose per-pixel sums stay in registers:
+ *    only if it is too large), which also brings the tile into cache. Then
+ *    per CHUNK of pixels, whose per-pixel sums stay in registers:
  *    (2) exp(x - m) (the rounding of x - m put back, TwoSum), stored with w z
  *    for (4), and float64 sums r = the exps of the classes below the maximum
  *    (the maxima's exps are exactly 1 and are counted), W = sum w z,
@@ -192,7 +193,8 @@ ALWAYS_INLINE tile_sums chunk_##XN##_##TN(const tile_args *a, int64_t q0, int64_
     }                                                                                  \
     SIMD_COUNTS for (int64_t j = 0; j < np; j++) {      /* (3) pixel losses */         \
         int v = ok[j] != (X)0;                                                         \
-        bad += v && (IS_HARD(T) ? !(z[j] >= 0 && z[j] < (T)C) : nbad[j] != (X)0);      \
+        bad += IS_HARD(T) ? v && !(z[j] >= 0 && z[j] < (T)C)                           \
+                          : v ? (int64_t)nbad[j] : 0;      /* elements */              \
         count += v;                                                                    \
         double loss64 = divergence ? A[j] + H[j] : A[j];                               \
         double rr = s[j] * EXP_CLASS_UNSCALE_##XN + ((double)ties[j] - 1.0);           \

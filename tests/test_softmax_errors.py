@@ -247,6 +247,33 @@ def test_first_bad_pixel_does_not_depend_on_layout_or_path(backend):
     assert msgs["NHWC"] == "0, 1, 4", msgs
 
 
+def test_bad_targets_are_counted_as_elements_on_every_path(backend):
+    # pixel (1, 3, 4) holds two bad classes, pixel (0, 0, 1) one: 3 values,
+    # whether the fused pass counts them or the pre-pass an in-place call or
+    # a masked mean gradient runs, and in any layout, as the reference says.
+    x, z = case()
+    z[1, 0, 3, 4] = 1.5
+    z[1, 2, 3, 4] = np.nan
+    z[0, 1, 0, 1] = -0.5
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    zl = np.ascontiguousarray(np.moveaxis(z, 1, -1))
+    mask = np.ones(PIXELS, bool)
+    mask[0, 0, 0] = False
+    expected = None
+    for b in ("numpy", backend):
+        for args, kw in (((x, z), {}), ((xl, zl), {"axis": -1}),
+                         ((x, z), {"mask": mask}), ((x, z), {"grad": False}),
+                         ((x.copy(), z), {"out": "logits"})):
+            if kw.get("out") == "logits":
+                kw = {"out": args[0]}
+            with pytest.raises(fastsce.TargetRangeError) as info:
+                smx(*args, backend=b, **kw)
+            msg = str(info.value).split(". Fix")[0]
+            expected = expected or msg
+            assert msg == expected, (b, kw.keys())
+    assert "found 3 value(s)" in expected and "(0, 0, 1)" in expected, expected
+
+
 def test_soft_target_range_is_exact(backend):
     """[0, scale] is compared in the targets' precision, not after rounding to
     the logits' type; -0 (the fast kernels' false alarm: its sign bit) is in
