@@ -332,6 +332,20 @@ typedef struct { const char *base; int64_t cs; } row_set;
 #define PREFETCH_LINES 256
 #define COPY_BLOCK 16                /* lines copied per run of prefetches */
 
+/* memcpy of a run of prefetched lines; on x86-64 by `rep movsq`. glibc copies
+ * runs this short by vector moves: W3 at 1 thread ran 0.44 Gelem/s that way
+ * and 0.48 so (medians of 5 alternating runs; rep movsb was between). */
+static void copy_run(char *dst, const char *src, int64_t bytes)
+{
+#if defined(__GNUC__) && defined(__x86_64__)
+    size_t n = (size_t)bytes / 8, tail = (size_t)bytes % 8;
+    __asm__ volatile("rep movsq" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
+    memcpy(dst, src, tail);
+#else
+    memcpy(dst, src, (size_t)bytes);
+#endif
+}
+
 /* Copy C rows of `bytes` (class strides scs, dbs), the 64-byte lines
  * prefetched PREFETCH_LINES ahead along the rows, then along `next`. */
 static void copy_rows(char *dst, int64_t dbs, const char *src, int64_t scs, int64_t C,
@@ -350,7 +364,7 @@ static void copy_rows(char *dst, int64_t dbs, const char *src, int64_t scs, int6
                 if (++pl == lines) { pl = 0; pk++; }
             }
             const int64_t m = bytes - b < COPY_BLOCK * 64 ? bytes - b : COPY_BLOCK * 64;
-            memcpy(dst + k * dbs + b, src + k * scs + b, (size_t)m);
+            copy_run(dst + k * dbs + b, src + k * scs + b, m);
         }
     }
 }
