@@ -46,8 +46,9 @@ DEFINE_RKEY_TOP(int64_t)
 
 /* A read prefetch into L2, not L1 (locality 2: prefetcht1; a no-op where the
  * compiler has none). A gather's 256 lines ahead overran the L1's few misses
- * in flight: into L1 (locality 3), W3's 1-thread lab ran 0.45 Gelem/s, into L2
- * 0.55 (medians of 6 alternating runs). */
+ * in flight: a C harness timing one (21, 512, 512) map at 1 thread ran 0.45
+ * Gelem/s with them into L1 (locality 3), 0.54 into L2 (medians of 6
+ * alternating runs; GCC had inlined its copies as rep movsq). */
 #if defined(__GNUC__)
 #define PREFETCH(p) __builtin_prefetch((p), 0, 2)
 #else

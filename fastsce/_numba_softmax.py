@@ -241,7 +241,7 @@ def _tile(from_logits, divergence, hard, ftype):
                 if hard:
                     bad = np.int32(bad + (v and not (zp[j] >= 0 and zp[j] < C)))
                 else:
-                    bad = np.int32(bad + (np.int32(nb[j]) if v else 0))
+                    bad = np.int32(bad + (np.int32(nb[j]) if v else np.int32(0)))
                 count = np.int32(count + v)
                 loss64 = A[j] + H[j] if divergence else A[j]
                 rr = s[j] * np.float64(unscale) + (np.float64(ties[j]) - 1.0)

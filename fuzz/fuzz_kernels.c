@@ -9,8 +9,9 @@
  * its layout reaches, so AddressSanitizer reports any access outside it.
  *
  * Checked after each call (a failed check aborts, and libFuzzer keeps the input):
- *  - status 0, and per block 0 <= bad <= count <= elements, first == -1 when
- *    nothing is bad and inside the block otherwise;
+ *  - status 0, and per block 0 <= count <= elements and 0 <= bad <= count
+ *    (count * classes for soft softmax targets: bad ones are counted as
+ *    elements), first == -1 when nothing is bad and inside the block otherwise;
  *  - the same call on dense, native-order copies of the operands (float16
  *    decoded here, independently of csrc/convert.h) gives the same partials,
  *    gradient and loss map, bitwise: no layout or storage changes a result;
@@ -321,7 +322,8 @@ static void check_partials(const call *c, const int64_t *pc, const int64_t *pb,
         int64_t stop = start + FASTSCE_BLOCK < (grp + 1) * c->group_size
                        ? start + FASTSCE_BLOCK : (grp + 1) * c->group_size;
         if (pc[b] < 0 || pc[b] > stop - start) fail("count outside [0, block size]", b);
-        if (pb[b] < 0 || pb[b] > pc[b]) fail("bad outside [0, count]", b);
+        const int64_t per = c->kind == SOFTMAX && c->ttype != I64 ? c->classes : 1;
+        if (pb[b] < 0 || pb[b] > pc[b] * per) fail("bad outside [0, count * per]", b);
         if (pb[b] == 0 ? pf[b] != -1 : pf[b] < start || pf[b] >= stop)
             fail("first bad element outside its block", b);
     }

@@ -247,31 +247,42 @@ def test_first_bad_pixel_does_not_depend_on_layout_or_path(backend):
     assert msgs["NHWC"] == "0, 1, 4", msgs
 
 
-def test_bad_targets_are_counted_as_elements_on_every_path(backend):
-    # pixel (1, 3, 4) holds two bad classes, pixel (0, 0, 1) one: 3 values,
-    # whether the fused pass counts them or the pre-pass an in-place call or
-    # a masked mean gradient runs, and in any layout, as the reference says.
-    x, z = case()
-    z[1, 0, 3, 4] = 1.5
-    z[1, 2, 3, 4] = np.nan
-    z[0, 1, 0, 1] = -0.5
+@pytest.mark.parametrize("targets", ["float64", "float32", "uint8"])
+def test_bad_targets_are_counted_as_elements_on_every_path(backend, targets):
+    # pixel (1, 3, 4) holds two bad classes, pixels (0, 0, 1) and (0, 0, 0)
+    # one each, (0, 0, 0) masked where there is a mask: the fused pass, the
+    # pre-pass of an in-place call or of a masked mean gradient, any layout
+    # give the reference's message (values, not pixels, are counted).
+    x, z = case(np.float32 if targets != "float64" else np.float64)
+    kw0 = {}
+    bad = {(1, 0, 3, 4): 1.5, (1, 2, 3, 4): np.nan, (0, 1, 0, 1): -0.5, (0, 2, 0, 0): 2.0}
+    if targets == "uint8":
+        z = np.round(z * 100).astype(np.uint8)
+        bad = {k: 101 + i for i, k in enumerate(bad)}
+        kw0 = {"target_scale": 100}
+    for at, value in bad.items():
+        z[at] = value
     xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
     zl = np.ascontiguousarray(np.moveaxis(z, 1, -1))
     mask = np.ones(PIXELS, bool)
     mask[0, 0, 0] = False
-    expected = None
-    for b in ("numpy", backend):
-        for args, kw in (((x, z), {}), ((xl, zl), {"axis": -1}),
-                         ((x, z), {"mask": mask}), ((x, z), {"grad": False}),
-                         ((x.copy(), z), {"out": "logits"})):
-            if kw.get("out") == "logits":
-                kw = {"out": args[0]}
+    messages = {}
+    for name, args, kw in (("fused", (x, z), {}), ("NHWC", (xl, zl), {"axis": -1}),
+                           ("pre-pass mask", (x, z), {"mask": mask}),
+                           ("fused mask", (x, z), {"mask": mask, "grad": False}),
+                           ("in place", (x.copy(), z), {"out": "logits"})):
+        if kw.get("out") == "logits":
+            kw = {"out": args[0]}
+        got = []
+        for b in ("numpy", backend):
             with pytest.raises(fastsce.TargetRangeError) as info:
-                smx(*args, backend=b, **kw)
-            msg = str(info.value).split(". Fix")[0]
-            expected = expected or msg
-            assert msg == expected, (b, kw.keys())
-    assert "found 3 value(s)" in expected and "(0, 0, 1)" in expected, expected
+                smx(*args, backend=b, **kw0, **kw)
+            got.append(str(info.value).split(". Fix")[0])
+        assert got[1] == got[0], name
+        messages[name] = got[0]
+    for name, msg in messages.items():
+        found, first = (3, "(0, 0, 1)") if "mask" in name else (4, "(0, 0, 0)")
+        assert f"found {found} value(s)" in msg and first in msg, (name, msg)
 
 
 def test_soft_target_range_is_exact(backend):
