@@ -223,6 +223,24 @@ def _first_pixel(msg):
     return found[-1] if found else msg
 
 
+def _layouts_and_paths(x, z, hidden):
+    """(name, args, options) of one NCHW call in every layout and path that
+    finds bad targets: NCHW and NHWC data, the fused pass (with and without a
+    mask), the pre-pass of a masked mean gradient and of an in-place call.
+    The mask hides pixel `hidden`; names of masked calls hold "mask"."""
+    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    zl = np.ascontiguousarray(np.moveaxis(z, 1, -1))
+    mask = np.ones(PIXELS, bool)
+    mask[hidden] = False
+    xc = x.copy()
+    return (("NCHW", (x, z), {}), ("NHWC", (xl, zl), {"axis": -1}),
+            ("NCHW+mask", (x, z), {"mask": mask}),
+            ("NHWC+mask", (xl, zl), {"axis": -1, "mask": mask}),
+            ("NCHW+mask grad=False", (x, z), {"mask": mask, "grad": False}),
+            ("NCHW grad=False", (x, z), {"grad": False}),
+            ("in place", (xc, z), {"out": xc}))
+
+
 def test_first_bad_pixel_does_not_depend_on_layout_or_path(backend):
     # pixel (0, 1, 4) holds a bad element in class 2 and pixel (0, 2, 0) one in
     # class 0: in NCHW element order the latter comes first, in pixel order
@@ -231,15 +249,8 @@ def test_first_bad_pixel_does_not_depend_on_layout_or_path(backend):
     x, z = case()
     z[0, 2, 1, 4] = 2.0
     z[0, 0, 2, 0] = -1.0
-    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
-    zl = np.ascontiguousarray(np.moveaxis(z, 1, -1))
-    mask = np.ones(PIXELS, bool)
-    mask[1, 0, 0] = False
     msgs = {}
-    for name, args, kw in (("NCHW", (x, z), {}), ("NHWC", (xl, zl), {"axis": -1}),
-                           ("NCHW+mask", (x, z), {"mask": mask}),
-                           ("NHWC+mask", (xl, zl), {"axis": -1, "mask": mask}),
-                           ("NCHW grad=False", (x, z), {"grad": False})):
+    for name, args, kw in _layouts_and_paths(x, z, hidden=(1, 0, 0)):
         with pytest.raises(ValueError, match="targets") as info:
             smx(*args, backend=backend, **kw)
         msgs[name] = _first_pixel(str(info.value))
@@ -262,17 +273,8 @@ def test_bad_targets_are_counted_as_elements_on_every_path(backend, targets):
         kw0 = {"target_scale": 100}
     for at, value in bad.items():
         z[at] = value
-    xl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
-    zl = np.ascontiguousarray(np.moveaxis(z, 1, -1))
-    mask = np.ones(PIXELS, bool)
-    mask[0, 0, 0] = False
     messages = {}
-    for name, args, kw in (("fused", (x, z), {}), ("NHWC", (xl, zl), {"axis": -1}),
-                           ("pre-pass mask", (x, z), {"mask": mask}),
-                           ("fused mask", (x, z), {"mask": mask, "grad": False}),
-                           ("in place", (x.copy(), z), {"out": "logits"})):
-        if kw.get("out") == "logits":
-            kw = {"out": args[0]}
+    for name, args, kw in _layouts_and_paths(x, z, hidden=(0, 0, 0)):
         got = []
         for b in ("numpy", backend):
             with pytest.raises(fastsce.TargetRangeError) as info:
