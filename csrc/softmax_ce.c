@@ -323,8 +323,10 @@ typedef int64_t (*first_bad_pixel_fn)(const uint8_t *, const void *, int64_t, in
  * pixel's classes do not all fall in one cache set (a power-of-two stride). */
 #define BUF_STRIDE(tsz) ((tsz) + 16)
 
-/* Class rows that a gather reads next, for its prefetch: at base + k * cs. */
-typedef struct { const char *base; int64_t cs; } row_set;
+/* What a gather reads, as rows of whole 64-byte lines (for the prefetches of
+ * the gather before it): `rows` rows of `lines` lines at base + k * cs. An
+ * NCHW tile is C rows; a pixel-major (NHWC) tile is one row, C * n elements. */
+typedef struct { const char *base; int64_t cs, rows, lines; } row_set;
 
 /* Lines a gather prefetches ahead of its copy (16 KB): measured best of
  * 64-512; the hardware prefetcher alone restarts at every row and 4 KB page
@@ -356,26 +358,65 @@ static void copy_run(char *dst, const char *src, int64_t bytes)
 #endif
 }
 
-/* Copy C rows of `bytes` (class strides scs, dbs), the 64-byte lines
- * prefetched PREFETCH_LINES ahead along the rows, then along `next`. */
-static void copy_rows(char *dst, int64_t dbs, const char *src, int64_t scs, int64_t C,
-                      int64_t bytes, row_set next)
+/* A gather's prefetches, PREFETCH_LINES lines ahead of its copy: through the
+ * lines of its own rows (a), then of the next gather's (b). Inlined: called
+ * out of line, the pixel-major gather kept the 1-thread W4 time it had
+ * without prefetches. */
+typedef struct { row_set a, b; int64_t k, l; } prefetcher;   /* ahead: row k, line l */
+
+/* Moves the line ahead by `count` lines (of a's rows, then b's as rows
+ * a.rows + ...), prefetching them if `issue`. */
+ALWAYS_INLINE void prefetch_lines(prefetcher *f, int64_t count, int issue)
 {
-    const int64_t lines = bytes / 64;
-    int64_t pk = 0, pl = PREFETCH_LINES;     /* the line ahead: row pk, line pl */
-    for (; lines > 0 && pl >= lines; pl -= lines) pk++;
+    for (; count > 0 && f->k < f->a.rows + f->b.rows; count--) {
+        const int in_a = f->k < f->a.rows;
+        const row_set *r = in_a ? &f->a : &f->b;
+        if (issue) PREFETCH(r->base + (in_a ? f->k : f->k - f->a.rows) * r->cs + f->l * 64);
+        if (++f->l == r->lines) { f->l = 0; f->k++; }
+    }
+}
+
+ALWAYS_INLINE prefetcher prefetch_start(row_set a, row_set b)
+{
+    if (!a.base || a.lines == 0) a.rows = 0;
+    if (!b.base || b.lines == 0) b.rows = 0;
+    prefetcher f = {a, b, 0, 0};
+    prefetch_lines(&f, PREFETCH_LINES, 0);
+    return f;
+}
+
+/* Copy C rows of `bytes` (class strides scs, dbs), prefetching ahead. */
+static void copy_rows(char *dst, int64_t dbs, const char *src, int64_t scs, int64_t C,
+                      int64_t bytes, prefetcher *f)
+{
     for (int64_t k = 0; k < C; k++) {
         for (int64_t b = 0; b < bytes; b += COPY_BLOCK * 64) {
-            for (int64_t i = b / 64; i < lines && i < b / 64 + COPY_BLOCK; i++) {
-                if (pk < C)
-                    PREFETCH(src + pk * scs + pl * 64);
-                else if (next.base && pk < 2 * C)
-                    PREFETCH(next.base + (pk - C) * next.cs + pl * 64);
-                if (++pl == lines) { pl = 0; pk++; }
-            }
+            prefetch_lines(f, COPY_BLOCK, 1);
             const int64_t m = bytes - b < COPY_BLOCK * 64 ? bytes - b : COPY_BLOCK * 64;
             copy_run(dst + k * dbs + b, src + k * scs + b, m);
         }
+    }
+}
+
+/* Whether a class-shaped tile is pixel-major and dense (NHWC): classes
+ * adjacent, pixels C elements apart; its n pixels are one run of C * n. */
+static int pixel_major(int64_t ps, int64_t cs, int64_t C) { return cs == 1 && ps == C; }
+
+/* A pixel-major tile into [C][bs], STRIDED_PIXELS pixels at a time, its
+ * lines prefetched ahead: the loads of the transpose, stride C, missed in
+ * perf. With the streamed scatter below, W4 in C (best of 15 runs, 3
+ * alternating pairs): 1 thread 0.36 -> 0.44 Gelem/s. Numba's twin ran 8%
+ * slower with these prefetches and gathers without them. */
+static void gather_pixels(char *buf, int64_t bs, const char *src, int64_t n, int64_t C,
+                          int64_t item, prefetcher *f)
+{
+    int64_t done = 0;                                   /* lines prefetched for */
+    for (int64_t q0 = 0; q0 < n; q0 += STRIDED_PIXELS) {
+        const int64_t pn = n - q0 < STRIDED_PIXELS ? n - q0 : STRIDED_PIXELS;
+        const int64_t upto = (q0 + pn) * C * item / 64;
+        prefetch_lines(f, upto - done, 1);
+        done = upto;
+        strided_copy(buf + q0 * item, 1, bs, src + q0 * C * item, C, 1, pn, C, item);
     }
 }
 
@@ -384,16 +425,22 @@ static void gather_classes(const char *base, int64_t off, int64_t ps, int64_t cs
                            int64_t bs, row_set next)
 {
     const char *src = base + off * item;
-    if (ps == 1 && !code) {         /* contiguous rows */
-        copy_rows(buf, bs * item, src, cs * item, C, n * item, next);
-        return;
-    }
     if (code) {                     /* converting: class row by class row */
         for (int64_t k = 0; k < C; k++)
             convert_row(buf + k * bs * size, size, src + k * cs * item, item, ps, n, code);
         return;
     }
-    strided_copy(buf, 1, bs, src, ps, cs, n, C, item);
+    if (ps == 1) {                  /* contiguous rows */
+        row_set own = {src, cs * item, C, n * item / 64};
+        prefetcher f = prefetch_start(own, next);
+        copy_rows(buf, bs * item, src, cs * item, C, n * item, &f);
+    } else if (pixel_major(ps, cs, C)) {
+        row_set own = {src, 0, 1, n * C * item / 64};
+        prefetcher f = prefetch_start(own, next);
+        gather_pixels(buf, bs, src, n, C, item, &f);
+    } else {
+        strided_copy(buf, 1, bs, src, ps, cs, n, C, item);
+    }
 }
 
 /* memcpy, but by non-temporal 16-byte stores when dst is 16-byte aligned and
@@ -416,8 +463,10 @@ static void stream_copy(char *dst, const char *src, int64_t bytes) { memcpy(dst,
 static void store_fence(void) {}
 #endif
 
+/* `stage` holds STRIDED_PIXELS pixels of C classes. */
 static void scatter_classes(char *base, int64_t off, int64_t ps, int64_t cs, int64_t n,
-                            int64_t C, int64_t item, const char *buf, int64_t bs, int stream)
+                            int64_t C, int64_t item, const char *buf, int64_t bs, int stream,
+                            char *stage)
 {
     char *dst = base + off * item;
     if (ps == 1) {                  /* contiguous rows: row by row, not interleaved */
@@ -425,9 +474,16 @@ static void scatter_classes(char *base, int64_t off, int64_t ps, int64_t cs, int
             if (stream) stream_copy(dst + k * cs * item, buf + k * bs * item, n * item);
             else memcpy(dst + k * cs * item, buf + k * bs * item, (size_t)(n * item));
         }
-        return;
+    } else if (stream && pixel_major(ps, cs, C)) {
+        /* pixel-major: transposed in L1, then streamed out as whole lines */
+        for (int64_t q0 = 0; q0 < n; q0 += STRIDED_PIXELS) {
+            const int64_t pn = n - q0 < STRIDED_PIXELS ? n - q0 : STRIDED_PIXELS;
+            strided_copy(stage, C, 1, buf + q0 * item, 1, bs, pn, C, item);
+            stream_copy(dst + q0 * C * item, stage, pn * C * item);
+        }
+    } else {
+        strided_copy(dst, ps, cs, buf, 1, bs, n, C, item);
     }
-    strided_copy(dst, ps, cs, buf, 1, bs, n, C, item);
 }
 
 /* A pixel-shaped input row of stride st: in place if contiguous and native,
@@ -461,7 +517,7 @@ typedef struct {
 
 /* Per-thread scratch, carved from one allocation after this header. */
 typedef struct {
-    char *xs, *zs, *gs, *e, *mx, *nbad, *row[FASTSCE_NSLOTS];
+    char *xs, *zs, *gs, *stage, *e, *mx, *nbad, *row[FASTSCE_NSLOTS];
     double *lbuf;
     uint8_t *valid;
 } softmax_scratch;
@@ -491,7 +547,8 @@ static void *softmax_scratch_alloc(const void *ctx)
     if (k->base[SG] && gathered(k, SG))
         ct[2] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->size[SG]);
     const size_t t = (size_t)k->tsz * 8, ce = (size_t)(k->C * CHUNK) * 16;
-    softmax_scratch *sc = malloc(sizeof *sc + ct[0] + ct[1] + ct[2] + ce
+    const size_t st = (size_t)(k->C * STRIDED_PIXELS) * 8;
+    softmax_scratch *sc = malloc(sizeof *sc + ct[0] + ct[1] + ct[2] + st + ce
                                  + (FASTSCE_NSLOTS + 2) * t + (size_t)FASTSCE_BLOCK * 8
                                  + (size_t)k->tsz);
     if (!sc) return NULL;
@@ -499,6 +556,7 @@ static void *softmax_scratch_alloc(const void *ctx)
     sc->xs = c; c += ct[0];
     sc->zs = c; c += ct[1];
     sc->gs = c; c += ct[2];
+    sc->stage = c; c += st;
     sc->e = c; c += ce;
     sc->mx = c; c += t;
     sc->nbad = c; c += t;
@@ -525,17 +583,17 @@ static const char *class_input(const softmax_walk *k, int s, int64_t off, int64_
     return buf;
 }
 
-/* Slot s's tile at element offset off as a gather copies it row by row
- * (for the prefetch of the gather before it), or nothing. */
-static row_set copied_rows(const softmax_walk *k, int s, int64_t off)
+/* Slot s's tile of n pixels at element offset off as a prefetching gather
+ * reads it (for the prefetches of the gather before it), or nothing. */
+static row_set gather_rows(const softmax_walk *k, int s, int64_t off, int64_t n)
 {
     const int nd = k->ndim;
-    row_set r = {NULL, 0};
-    if (k->base[s] && !(s == ST && k->hard) && gathered(k, s) && !k->p->convert[s]
-        && k->strides[s * nd + nd - 1] == 1) {
-        r.base = k->base[s] + off * k->item[s];
-        r.cs = k->cstrides[s] * k->item[s];
-    }
+    const int64_t ps = k->strides[s * nd + nd - 1], cs = k->cstrides[s], item = k->item[s];
+    row_set r = {NULL, 0, 0, 0};
+    if (!k->base[s] || (s == ST && k->hard) || !gathered(k, s) || k->p->convert[s]) return r;
+    r.base = k->base[s] + off * item;
+    if (ps == 1) { r.cs = cs * item; r.rows = k->C; r.lines = n * item / 64; }
+    else r.base = NULL;
     return r;
 }
 
@@ -570,13 +628,14 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
         a.gs = k->gscale[grp];
         a.e = sc->e; a.mx = sc->mx; a.nbad = sc->nbad; a.valid = sc->valid; a.lbuf = sc->lbuf + (i - start);
         /* the gathers prefetch ahead: x, then z, then the next tile's x */
-        row_set next_x = {NULL, 0};
+        row_set next_x = {NULL, 0, 0, 0};
         if (i + n < stop) {
-            int64_t off2[FASTSCE_NSLOTS], row2 = (i + n) / inner;
-            row_offsets(nd, k->shape, st, FASTSCE_NSLOTS, row2, i + n - row2 * inner, off2);
-            next_x = copied_rows(k, SX, off2[SX]);
+            int64_t off2[FASTSCE_NSLOTS], row2 = (i + n) / inner, col2 = i + n - row2 * inner;
+            int64_t n2 = inner - col2 < stop - i - n ? inner - col2 : stop - i - n;
+            row_offsets(nd, k->shape, st, FASTSCE_NSLOTS, row2, col2, off2);
+            next_x = gather_rows(k, SX, off2[SX], n2 < tsz ? n2 : tsz);
         }
-        row_set after_x = copied_rows(k, ST, off[ST]);
+        row_set after_x = gather_rows(k, ST, off[ST], n);
         a.x = class_input(k, SX, off[SX], n, sc->xs, &a.xcs, after_x.base ? after_x : next_x);
         if (k->hard)
             a.z = input_row(sc->row[ST], k->base[ST] + off[ST] * k->item[ST], PSTRIDE(ST), n,
@@ -598,7 +657,7 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
         tile_sums r = k->tile(&a);
         if (k->base[SG] && gathered(k, SG))
             scatter_classes((char *)k->base[SG], off[SG], PSTRIDE(SG), cst[SG], n, C, k->item[SG],
-                            sc->gs, bs, k->stream_g);
+                            sc->gs, bs, k->stream_g, sc->stage);
         if (k->base[SL] && PSTRIDE(SL) != 1)
             strided_row((char *)k->base[SL] + off[SL] * k->item[SL], PSTRIDE(SL), sc->row[SL], 1, n,
                         k->item[SL]);

@@ -288,38 +288,69 @@ def _transpose(dst, do, dps, dcs, src, so, sps, scs, n, C):
 
 
 @jit(**_OPTS)
-def _copy_rows(flat, off, cstride, n, C, buf, bs, nxt, noff, ncs):
+def _prefetch_lines(a, b, rows, k, l, count, issue):
+    """A gather's prefetches (csrc/softmax_ce.c prefetch_lines): the line ahead,
+    row k, line l, moved by `count` lines, prefetched if `issue`; through a's
+    rows, then b's (rows k - a's rows). rows = (offset, class stride, rows,
+    64-byte lines per row) of a, then of b. Returns the new (k, l)."""
+    ao, acs, ar, al, bo, bcs, br, bl = rows
+    while count > 0 and k < ar + br:
+        if k < ar:
+            if issue:
+                prefetch(a, ao + k * acs + l * (64 // a.itemsize))
+            lines = al
+        else:
+            if issue:
+                prefetch(b, bo + (k - ar) * bcs + l * (64 // b.itemsize))
+            lines = bl
+        l += 1
+        if l == lines:
+            l = 0
+            k += 1
+        count -= 1
+    return k, l
+
+
+@jit(**_OPTS)
+def _prefetch_rows(a, ao, acs, ar, al, b, bo, bcs, br, bl):
+    """The rows `_prefetch_lines` walks, a's and then b's (none if bo < 0 or
+    a row is under a line), and its start, PREFETCH_LINES ahead of line 0."""
+    ar = ar if al > 0 else 0
+    br = br if bo >= 0 and bl > 0 else 0
+    rows = (ao, acs, ar, al, bo, bcs, br, bl)
+    k, l = _prefetch_lines(a, b, rows, 0, 0, PREFETCH_LINES, False)
+    return rows, k, l
+
+
+@jit(**_OPTS)
+def _copy_rows(flat, off, cstride, n, C, buf, bs, nxt, noff, ncs, nlines):
     """C rows of n elements (class stride cstride) into buf (class stride bs),
-    the 64-byte lines prefetched PREFETCH_LINES ahead along the rows, then
-    along nxt's rows at noff (none if noff < 0): csrc/softmax_ce.c copy_rows."""
+    prefetching ahead through them, then through nxt's C rows of nlines lines
+    at noff (class stride ncs): csrc/softmax_ce.c copy_rows."""
     per = 64 // flat.itemsize
-    nper = 64 // nxt.itemsize
-    lines = n // per
-    pk, pl = 0, PREFETCH_LINES                 # the line ahead: row pk, line pl
-    while lines > 0 and pl >= lines:
-        pl -= lines
-        pk += 1
+    rows, pk, pl = _prefetch_rows(flat, off, cstride, C, n // per, nxt, noff, ncs, C, nlines)
     for k in range(C):
         for b in range(0, n, COPY_BLOCK * per):
-            for _ in range(min(COPY_BLOCK, lines - b // per)):
-                if pk < C:
-                    prefetch(flat, off + pk * cstride + pl * per)
-                elif noff >= 0 and pk < 2 * C:
-                    prefetch(nxt, noff + (pk - C) * ncs + pl * nper)
-                pl += 1
-                if pl == lines:
-                    pl = 0
-                    pk += 1
+            pk, pl = _prefetch_lines(flat, nxt, rows, pk, pl, COPY_BLOCK, True)
             copy_elements(buf, k * bs + b, flat, off + k * cstride + b,
                           min(COPY_BLOCK * per, n - b))
 
 
 @jit(**_OPTS)
-def _gather_classes(flat, off, pstride, cstride, n, C, buf, bs, nxt, noff, ncs):
+def _pixel_major(pstride, cstride, C):
+    """A tile with classes adjacent and pixels C apart (NHWC): one run of C n
+    (csrc/softmax_ce.c pixel_major)."""
+    return cstride == 1 and pstride == C
+
+
+@jit(**_OPTS)
+def _gather_classes(flat, off, pstride, cstride, n, C, buf, bs, nxt, noff, ncs, nlines):
     if pstride == 1:                # contiguous rows
-        _copy_rows(flat, off, cstride, n, C, buf, bs, nxt, noff, ncs)
-        return
-    _transpose(buf, 0, 1, bs, flat, off, pstride, cstride, n, C)
+        _copy_rows(flat, off, cstride, n, C, buf, bs, nxt, noff, ncs, nlines)
+    else:
+        # pixel-major tiles too: C prefetches their lines ahead (gather_pixels),
+        # which here ran W4 at 2 threads 8% slower, inline or not
+        _transpose(buf, 0, 1, bs, flat, off, pstride, cstride, n, C)
 
 
 @jit(**_OPTS)
@@ -331,13 +362,13 @@ def _convert_classes(flat, off, pstride, cstride, n, C, buf, bs, code):
 def _tile_present(a, *args):
     """A tile of a class-shaped input as (array, offset, class stride): in place
     unless `gather` (see `_gathered`), else gathered (converted if `code`) into
-    the [C][bs] buffer; a row-by-row gather prefetches on into the rows read
-    next, nxt's at noff (class stride ncs; none if noff < 0)."""
-    off, pstride, cstride, n, C, buf, bs, code, gather, nxt, noff, ncs = args
+    the [C][bs] buffer; a gather prefetches on into the rows read next, nxt's
+    C rows of nlines lines at noff (class stride ncs; none if noff < 0)."""
+    off, pstride, cstride, n, C, buf, bs, code, gather, nxt, noff, ncs, nlines = args
     if code == 0:
         if not gather:
             return a, off, cstride
-        _gather_classes(a, off, pstride, cstride, n, C, buf, bs, nxt, noff, ncs)
+        _gather_classes(a, off, pstride, cstride, n, C, buf, bs, nxt, noff, ncs, nlines)
     else:
         _convert_classes(a, off, pstride, cstride, n, C, buf, bs, code)
     return buf, 0, bs
@@ -345,7 +376,7 @@ def _tile_present(a, *args):
 
 def _tile_half(a, *args):
     """float16 bits: always converted."""
-    off, pstride, cstride, n, C, buf, bs, code, gather, nxt, noff, ncs = args
+    off, pstride, cstride, n, C, buf, bs, code, gather, nxt, noff, ncs, nlines = args
     _convert_classes(a, off, pstride, cstride, n, C, buf, bs, code)
     return buf, 0, bs
 
@@ -364,15 +395,22 @@ def _gathered(pstride, code, cstride_bytes):
 
 
 @jit(**_OPTS)
-def _scatter_classes(flat, off, pstride, cstride, n, C, buf, bs, stream):
+def _scatter_classes(flat, off, pstride, cstride, n, C, buf, bs, stream, stage):
+    """`stage` holds STRIDED_PIXELS pixels of C classes."""
     if pstride == 1:                # contiguous rows: row by row, not interleaved
         for k in range(C):
             if stream:
                 stream_elements(flat, off + k * cstride, buf, k * bs, n)
             else:
                 copy_elements(flat, off + k * cstride, buf, k * bs, n)
-        return
-    _transpose(flat, off, pstride, cstride, buf, 0, 1, bs, n, C)
+    elif stream and _pixel_major(pstride, cstride, C):
+        # pixel-major: transposed in L1, then streamed out as whole lines
+        for q0 in range(0, n, STRIDED_PIXELS):
+            pn = min(STRIDED_PIXELS, n - q0)
+            _transpose(stage, 0, C, 1, buf, q0, 1, bs, pn, C)
+            stream_elements(flat, off + q0 * C, stage, 0, pn * C)
+    else:
+        _transpose(flat, off, pstride, cstride, buf, 0, 1, bs, n, C)
 
 
 @jit(**_OPTS)
@@ -432,6 +470,7 @@ def _driver(from_logits, divergence, hard, ftype):
             wb = _scratch(w, tsz, F)
             mb = _scratch(m, tsz, F)
             lb = _scratch(l, tsz, F)
+            stage = np.empty(STRIDED_PIXELS * C, F)
             valid = np.empty(tsz, np.bool_)
             lbuf = np.empty(stop - start)
             # the tile's working set: per tile, per chunk of classes, per chunk
@@ -449,20 +488,25 @@ def _driver(from_logits, divergence, hard, ftype):
                 off, col = row_offsets(shape, offsets, strides, i)
                 n = min(inner - col, stop - i, tsz)
                 # class-shaped inputs: in place, or gathered (see _gathered)
-                nxo = -1                       # the next tile's x rows
+                nxo, nxl = -1, 0               # the next tile's x rows: offset, lines
                 if x_rows and i + n < stop:
-                    nxo = row_offsets(shape, offsets, strides, i + n)[0][0]
+                    off2, col2 = row_offsets(shape, offsets, strides, i + n)
+                    nxo = off2[0]
+                    nxl = min(inner - col2, stop - i - n, tsz) * x.itemsize // 64
                 if z_rows:
                     xa, xo, xcs = _tile_view(x, off[0], strides[0, ndim - 1], cstrides[0], n, C,
-                                             xs, bs, codes[0], x_gathered, z, off[1], cstrides[1])
+                                             xs, bs, codes[0], x_gathered, z, off[1], cstrides[1],
+                                             n * z.itemsize // 64)
                 else:
                     xa, xo, xcs = _tile_view(x, off[0], strides[0, ndim - 1], cstrides[0], n, C,
-                                             xs, bs, codes[0], x_gathered, x, nxo, cstrides[0])
+                                             xs, bs, codes[0], x_gathered, x, nxo, cstrides[0],
+                                             nxl)
                 if hard:
                     za, zo, zcs = _view(z, off[1], strides[1, ndim - 1], n, zp, codes[1]), 0, 0
                 else:
                     za, zo, zcs = _tile_view(z, off[1], strides[1, ndim - 1], cstrides[1], n, C,
-                                             zs, bs, codes[1], z_gathered, x, nxo, cstrides[0])
+                                             zs, bs, codes[1], z_gathered, x, nxo, cstrides[0],
+                                             nxl)
                 ga, go, gcs = g, off[5], cstrides[5]
                 if g_buffered:
                     ga, go, gcs = gb, 0, bs
@@ -474,7 +518,7 @@ def _driver(from_logits, divergence, hard, ftype):
                              lbuf[i - start:i - start + n])
                 if g_buffered:
                     _scatter_classes(g, off[5], strides[5, ndim - 1], cstrides[5], n, C, gb, bs,
-                                     g_stream)
+                                     g_stream, stage)
                 _scatter(l, off[6], strides[6, ndim - 1], n, lb)
                 if bd and first < 0:
                     first = i + _first_bad_pixel(valid, za, zo, zcs, n, C, scale, hard)

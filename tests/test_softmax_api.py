@@ -416,25 +416,39 @@ def test_nchw_nhwc_bitwise_per_dtype(backend, xdtype, tdtype):
     assert b.grad.dtype == xdtype
 
 
+def _placed_out(shape, dtype, aligned):
+    """An empty `out` 64-byte aligned, or one item past that (misaligned-out:
+    not 16-byte aligned, yet whole items)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + (0 if aligned else np.dtype(dtype).itemsize)
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned-out"])
-def test_streamed_gradient_equals_scattered(backend, dtype, aligned):
-    # A class stride of whole pages with a gradient past STREAM_BYTES: copied
-    # out of the tile buffer by non-temporal stores (or memcpy when `out` is
-    # not 16-byte aligned); NHWC scatters it element by element.
+@pytest.mark.parametrize("width", [512, 515])
+def test_streamed_gradient_equals_scattered(backend, dtype, aligned, width):
+    # A gradient past STREAM_BYTES leaves the tile buffer by non-temporal
+    # stores (memcpy where `out` is not 16-byte aligned): in NCHW with a class
+    # stride of whole pages (width 512) row by row, in NHWC transposed 16
+    # pixels at a time through a staging block (width 515: rows that end in
+    # a part block, and rows that start misaligned).
     from fastsce._layout import STREAM_BYTES
-    shape = (1, 3, 1024, 512)
+    shape = (1, 3, 1024, width)
     assert np.prod(shape) * np.dtype(dtype).itemsize >= STREAM_BYTES
     x, z = random_case(shape, dtype, seed=17, scale=6.0)
-    raw = np.empty(x.size * x.itemsize + 128, np.uint8)
-    # misaligned-out: one item past 64 bytes: not 16-byte aligned, yet whole items
-    start = (-raw.ctypes.data) % 64 + (0 if aligned else np.dtype(dtype).itemsize)
-    out = raw[start:start + x.size * x.itemsize].view(dtype).reshape(shape)
+    out = _placed_out(shape, dtype, aligned)
+    out_nhwc = _placed_out(_nhwc(x).shape, dtype, aligned)
     a = smx(x, z, axis=1, reduction="sum", backend=backend, out=out)
-    b = smx(_nhwc(x), _nhwc(z), axis=-1, reduction="sum", backend=backend)
-    assert a.grad is out
+    b = smx(_nhwc(x), _nhwc(z), axis=-1, reduction="sum", backend=backend, out=out_nhwc)
+    assert a.grad is out and b.grad is out_nhwc
     assert a.loss == b.loss
-    np.testing.assert_array_equal(np.moveaxis(b.grad, -1, 1), out)
+    np.testing.assert_array_equal(np.moveaxis(out_nhwc, -1, 1), out)
+    if width == 515:        # neither layout's path is the reference's
+        c = smx(x, z, axis=1, reduction="sum", backend="numpy")
+        np.testing.assert_allclose(out, c.grad, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                   atol=1e-7 if dtype == np.float32 else 1e-15)
 
 
 def test_stream_elements_copies_every_case():
