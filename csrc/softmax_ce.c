@@ -8,7 +8,8 @@
  *    pixels are not contiguous (NHWC), or whose class rows would collide in
  *    cache (NCHW maps of 2^k pixels, see gathered()), is gathered into a
  *    [C][tile + 16] scratch first (the extra cache line keeps a pixel's
- *    classes out of one cache set; row-by-row gathers prefetch ahead), and
+ *    classes out of one cache set; gathers of whole rows and of pixel-major
+ *    tiles prefetch ahead), and
  *    its gradient written there and copied out (a big one by non-temporal
  *    stores, _layout.stream_gradient); so every layout runs the
  *    same class-outer, pixel-inner loops: they vectorize across pixels, and
@@ -323,9 +324,9 @@ typedef int64_t (*first_bad_pixel_fn)(const uint8_t *, const void *, int64_t, in
  * pixel's classes do not all fall in one cache set (a power-of-two stride). */
 #define BUF_STRIDE(tsz) ((tsz) + 16)
 
-/* What a gather reads, as rows of whole 64-byte lines (for the prefetches of
- * the gather before it): `rows` rows of `lines` lines at base + k * cs. An
- * NCHW tile is C rows; a pixel-major (NHWC) tile is one row, C * n elements. */
+/* What a gather reads, as rows of whole 64-byte lines: `rows` rows of `lines`
+ * lines at base + k * cs. A tile copied row by row is C rows; a pixel-major
+ * (NHWC) tile is one row of C * n elements. */
 typedef struct { const char *base; int64_t cs, rows, lines; } row_set;
 
 /* Lines a gather prefetches ahead of its copy (16 KB): measured best of
@@ -391,8 +392,8 @@ static void copy_rows(char *dst, int64_t dbs, const char *src, int64_t scs, int6
 {
     for (int64_t k = 0; k < C; k++) {
         for (int64_t b = 0; b < bytes; b += COPY_BLOCK * 64) {
-            prefetch_lines(f, COPY_BLOCK, 1);
             const int64_t m = bytes - b < COPY_BLOCK * 64 ? bytes - b : COPY_BLOCK * 64;
+            prefetch_lines(f, m / 64, 1);           /* as many lines as it copies */
             copy_run(dst + k * dbs + b, src + k * scs + b, m);
         }
     }
@@ -475,7 +476,7 @@ static void scatter_classes(char *base, int64_t off, int64_t ps, int64_t cs, int
             else memcpy(dst + k * cs * item, buf + k * bs * item, (size_t)(n * item));
         }
     } else if (stream && pixel_major(ps, cs, C)) {
-        /* pixel-major: transposed in L1, then streamed out as whole lines */
+        /* pixel-major: transposed into the stage (in cache), streamed out whole */
         for (int64_t q0 = 0; q0 < n; q0 += STRIDED_PIXELS) {
             const int64_t pn = n - q0 < STRIDED_PIXELS ? n - q0 : STRIDED_PIXELS;
             strided_copy(stage, C, 1, buf + q0 * item, 1, bs, pn, C, item);
@@ -547,7 +548,7 @@ static void *softmax_scratch_alloc(const void *ctx)
     if (k->base[SG] && gathered(k, SG))
         ct[2] = (size_t)(k->C * BUF_STRIDE(k->tsz) * k->size[SG]);
     const size_t t = (size_t)k->tsz * 8, ce = (size_t)(k->C * CHUNK) * 16;
-    const size_t st = (size_t)(k->C * STRIDED_PIXELS) * 8;
+    const size_t st = k->stream_g ? (size_t)(k->C * STRIDED_PIXELS) * 8 : 0;
     softmax_scratch *sc = malloc(sizeof *sc + ct[0] + ct[1] + ct[2] + st + ce
                                  + (FASTSCE_NSLOTS + 2) * t + (size_t)FASTSCE_BLOCK * 8
                                  + (size_t)k->tsz);
@@ -591,9 +592,9 @@ static row_set gather_rows(const softmax_walk *k, int s, int64_t off, int64_t n)
     const int64_t ps = k->strides[s * nd + nd - 1], cs = k->cstrides[s], item = k->item[s];
     row_set r = {NULL, 0, 0, 0};
     if (!k->base[s] || (s == ST && k->hard) || !gathered(k, s) || k->p->convert[s]) return r;
+    if (ps != 1) return r;      /* pixel-major tiles: their own gather's prefetches */
     r.base = k->base[s] + off * item;
-    if (ps == 1) { r.cs = cs * item; r.rows = k->C; r.lines = n * item / 64; }
-    else r.base = NULL;
+    r.cs = cs * item; r.rows = k->C; r.lines = n * item / 64;
     return r;
 }
 

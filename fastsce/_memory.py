@@ -17,12 +17,13 @@ from ._layout import BLOCK, BUF_PAD, SLOTS, compact, softmax_tile
 PROBE_FROM = 1 << 26
 #: Either fast kernel's softmax scratch per thread (C) or block (Numba), at
 #: most: per class, three [C][tile + BUF_PAD] gather buffers of 8-byte values
-#: (logits, soft targets, gradient) and the chunk arrays (C: CHUNK 16 x 16
-#: bytes; Numba: 2 x CHUNK 512 x 8 bytes); per pixel of a tile, len(SLOTS) + 4
+#: (logits, soft targets, gradient), the chunk arrays (C: CHUNK 16 x 16
+#: bytes; Numba: 2 x CHUNK 512 x 8 bytes) and a streamed gradient's staging
+#: block (STRIDED_PIXELS 16 x 8 bytes); per pixel of a tile, len(SLOTS) + 4
 #: rows of 8 bytes; and a BLOCK of float64 losses, Numba's 13 per-pixel chunk
 #: arrays (CHUNK x 8 bytes) and small fixed arrays.
 #: tests/test_memory.py checks the constants against both kernels'.
-GATHER_BUFFERS, CHUNK_BYTES = 3, 2 * 512 * 8
+GATHER_BUFFERS, CHUNK_BYTES, STAGE_BYTES = 3, 2 * 512 * 8, 16 * 8
 FIXED_BYTES = BLOCK * 8 + 13 * 512 * 8 + 8192
 
 
@@ -65,7 +66,7 @@ def converted(name, a, dtype, hint):
 def softmax_scratch_bytes(classes):
     """Bytes of softmax scratch one thread (C) or one block (Numba) may use at most."""
     tile = softmax_tile(classes)
-    per_class = GATHER_BUFFERS * (tile + BUF_PAD) * 8 + CHUNK_BYTES
+    per_class = GATHER_BUFFERS * (tile + BUF_PAD) * 8 + CHUNK_BYTES + STAGE_BYTES
     return classes * per_class + (len(SLOTS) + 4) * tile * 8 + FIXED_BYTES
 
 

@@ -274,7 +274,8 @@ STRIDED_PIXELS = 16
 @jit(**_OPTS)
 def _transpose(dst, do, dps, dcs, src, so, sps, scs, n, C):
     """C classes of n pixels from src to dst, each at offset + pixel * ps +
-    class * cs: a strided (NHWC) tile into or out of its [C][bs] buffer, as
+    class * cs: a strided (NHWC) tile into or out of its [C][bs] buffer (or
+    a staging block of STRIDED_PIXELS pixels on its way out), as
     C's strided_copy (csrc/walk.h). Unsigned indices (wrapping where a stride
     is negative, the sum in range): Numba tests a signed one for wraparound.
     In cache, per element on W4's tiles: 0.75 -> 0.33 ns in, 0.74 -> 0.32 out."""
@@ -309,7 +310,7 @@ def _copy_rows(flat, off, cstride, n, C, buf, bs, nxt, noff, ncs, nlines):
             pk += 1
     for k in range(C):
         for b in range(0, n, COPY_BLOCK * per):
-            for _ in range(COPY_BLOCK):
+            for _ in range(min(COPY_BLOCK, lines - b // per)):    # lines it copies
                 if pk == rows + nrows:
                     break
                 if pk < rows:
@@ -460,7 +461,7 @@ def _driver(from_logits, divergence, hard, ftype):
             wb = _scratch(w, tsz, F)
             mb = _scratch(m, tsz, F)
             lb = _scratch(l, tsz, F)
-            stage = np.empty(STRIDED_PIXELS * C, F)
+            stage = np.empty(STRIDED_PIXELS * C if g_stream else 0, F)
             valid = np.empty(tsz, np.bool_)
             lbuf = np.empty(stop - start)
             # the tile's working set: per tile, per chunk of classes, per chunk

@@ -100,6 +100,9 @@ def test_softmax_scratch_bound_uses_both_kernels_constants():
     c_pad = int(source.split("#define BUF_STRIDE(tsz) ((tsz) + ")[1].split(")")[0])
     assert _memory.BUF_PAD == _numba_softmax.BUF_PAD == c_pad
     assert _memory.CHUNK_BYTES >= max(2 * _numba_softmax.CHUNK * 8, c_chunk * 16)
+    with open(os.path.join(os.path.dirname(fastsce.__file__), "..", "csrc", "walk.h")) as f:
+        c_stage = int(f.read().split("#define STRIDED_PIXELS ")[1].split()[0])
+    assert _memory.STAGE_BYTES >= max(_numba_softmax.STRIDED_PIXELS, c_stage) * 8
     assert _memory.FIXED_BYTES >= _layout.BLOCK * 8 + 13 * _numba_softmax.CHUNK * 8
 
 

@@ -432,14 +432,15 @@ def test_streamed_gradient_equals_scattered(backend, dtype, aligned, width):
     # A gradient past STREAM_BYTES leaves the tile buffer by non-temporal
     # stores (memcpy where `out` is not 16-byte aligned): in NCHW with a class
     # stride of whole pages (width 512) row by row, in NHWC transposed 16
-    # pixels at a time through a staging block (width 515: rows that end in
-    # a part block, and rows that start misaligned).
+    # pixels at a time through a staging block. The NHWC `out` has padded
+    # rows, so tiles end with its rows: at width 515 each ends in a 3-pixel
+    # block, and rows 517 x 3 items apart start misaligned.
     from fastsce._layout import STREAM_BYTES
     shape = (1, 3, 1024, width)
     assert np.prod(shape) * np.dtype(dtype).itemsize >= STREAM_BYTES
     x, z = random_case(shape, dtype, seed=17, scale=6.0)
     out = _placed_out(shape, dtype, aligned)
-    out_nhwc = _placed_out(_nhwc(x).shape, dtype, aligned)
+    out_nhwc = _placed_out((1, 1024, width + 2, 3), dtype, aligned)[:, :, :width]
     a = smx(x, z, axis=1, reduction="sum", backend=backend, out=out)
     b = smx(_nhwc(x), _nhwc(z), axis=-1, reduction="sum", backend=backend, out=out_nhwc)
     assert a.grad is out and b.grad is out_nhwc
