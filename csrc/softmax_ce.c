@@ -598,6 +598,14 @@ static row_set gather_rows(const softmax_walk *k, int s, int64_t off, int64_t n)
     return r;
 }
 
+/* Pixels in the tile at column col of a row of `inner`, `left` pixels before
+ * the block's end: tiles never cross a row. */
+static int64_t tile_pixels(int64_t inner, int64_t col, int64_t left, int64_t tsz)
+{
+    int64_t n = inner - col < left ? inner - col : left;
+    return n < tsz ? n : tsz;
+}
+
 FASTSCE_CLONES static double block_sum(const double *buf, int64_t n)
 {
     double total = 0.0;
@@ -619,8 +627,7 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
 #define PSTRIDE(s) st[(s) * nd + nd - 1]
     for (int64_t i = start; i < stop;) {
         int64_t row = i / inner, col = i - row * inner;
-        int64_t n = inner - col < stop - i ? inner - col : stop - i;
-        if (n > tsz) n = tsz;
+        const int64_t n = tile_pixels(inner, col, stop - i, tsz);
         int64_t off[FASTSCE_NSLOTS];
         row_offsets(nd, k->shape, st, FASTSCE_NSLOTS, row, col, off);
         tile_args a;
@@ -632,9 +639,8 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
         row_set next_x = {NULL, 0, 0, 0};
         if (i + n < stop) {
             int64_t off2[FASTSCE_NSLOTS], row2 = (i + n) / inner, col2 = i + n - row2 * inner;
-            int64_t n2 = inner - col2 < stop - i - n ? inner - col2 : stop - i - n;
             row_offsets(nd, k->shape, st, FASTSCE_NSLOTS, row2, col2, off2);
-            next_x = gather_rows(k, SX, off2[SX], n2 < tsz ? n2 : tsz);
+            next_x = gather_rows(k, SX, off2[SX], tile_pixels(inner, col2, stop - i - n, tsz));
         }
         row_set after_x = gather_rows(k, ST, off[ST], n);
         a.x = class_input(k, SX, off[SX], n, sc->xs, &a.xcs, after_x.base ? after_x : next_x);

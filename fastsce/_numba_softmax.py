@@ -339,8 +339,9 @@ def _gather_classes(flat, off, pstride, cstride, n, C, buf, bs, nxt, noff, ncs, 
     if pstride == 1:                # contiguous rows
         _copy_rows(flat, off, cstride, n, C, buf, bs, nxt, noff, ncs, nlines)
     else:
-        # pixel-major tiles too: C prefetches their lines ahead (gather_pixels),
-        # which here ran W4 at 2 threads 8% slower, inline or not
+        # strided and pixel-major (NHWC) tiles, without prefetches: C's
+        # gather_pixels prefetches a pixel-major one's lines ahead, which
+        # here ran W4 at 2 threads 8% slower, inline or not
         _transpose(buf, 0, 1, bs, flat, off, pstride, cstride, n, C)
 
 
@@ -395,7 +396,7 @@ def _scatter_classes(flat, off, pstride, cstride, n, C, buf, bs, stream, stage):
             else:
                 copy_elements(flat, off + k * cstride, buf, k * bs, n)
     elif stream and _pixel_major(pstride, cstride, C):
-        # pixel-major: transposed in L1, then streamed out as whole lines
+        # pixel-major: transposed into the stage (in cache), streamed out whole
         for q0 in range(0, n, STRIDED_PIXELS):
             pn = min(STRIDED_PIXELS, n - q0)
             _transpose(stage, 0, C, 1, buf, q0, 1, bs, pn, C)
@@ -477,13 +478,13 @@ def _driver(from_logits, divergence, hard, ftype):
             i = start
             while i < stop:
                 off, col = row_offsets(shape, offsets, strides, i)
-                n = min(inner - col, stop - i, tsz)
+                n = min(inner - col, stop - i, tsz)     # tiles never cross a row
                 # class-shaped inputs: in place, or gathered (see _gathered)
                 nxo, nxl = -1, 0               # the next tile's x rows: offset, lines
                 if x_rows and i + n < stop:
                     off2, col2 = row_offsets(shape, offsets, strides, i + n)
                     nxo = off2[0]
-                    nxl = min(inner - col2, stop - i - n, tsz) * x.itemsize // 64
+                    nxl = min(inner - col2, stop - i - n, tsz) * x.itemsize // 64  # its n
                 if z_rows:
                     xa, xo, xcs = _tile_view(x, off[0], strides[0, ndim - 1], cstrides[0], n, C,
                                              xs, bs, codes[0], x_gathered, z, off[1], cstrides[1],
