@@ -14,7 +14,11 @@
  *  - Blocks: each reduction group is cut into FASTSCE_BLOCK-element blocks,
  *    one float64 partial per block, combined by the caller in a fixed order:
  *    results do not depend on the thread count. Threads take whole blocks
- *    (`schedule(static)`); no float reduction clause, no atomics.
+ *    (`schedule(static)`); no float reduction clause, no atomics. The rows
+ *    write their element losses to one block-wide buffer, summed once when
+ *    the block is done (block_sum): a block's partial does not depend on
+ *    where its rows break (a strided view and a contiguous copy of it sum
+ *    alike).
  *  - Specialization: segment loops are instantiated for every combination of
  *    from_logits, divergence, extras (weight/mask/pos_weight present; an
  *    absent one reads a per-thread buffer of neutral values), gradient and
@@ -55,9 +59,9 @@ const char *fastsce_cpu_path(void)
 const char *fastsce_cpu_path(void) { return "baseline (no run-time dispatch in this build)"; }
 #endif
 
-/* A row's sums; `bad` is nonzero when the row holds a counted target outside
+/* A row's counts; `bad` is nonzero when the row holds a counted target outside
  * [0, scale] (the fused loops flag it; the walk counts them exactly). */
-typedef struct { double loss; int64_t count, bad; } seg_sums;
+typedef struct { int64_t count, bad; } seg_sums;
 
 /* One row of contiguous operands, as the segment loops see it. */
 typedef struct {
@@ -65,6 +69,7 @@ typedef struct {
     const uint8_t *m;
     const void *mk;               /* the mask as 0/1 in the compute type (loops) */
     void *g, *l;
+    double *losses;               /* the row's place in its block's loss buffer */
     int64_t n;
     const fastsce_params *p;
     double gs;
@@ -141,6 +146,7 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
     const T *t = (const T *)s->t;                                                      \
     const X *mk = (const X *)s->mk;                                                    \
     X *g = (X *)s->g, *l = (X *)s->l;                                                  \
+    double *losses = s->losses;                                                        \
     const fastsce_params *p = s->p;                                                    \
     /* z = tf * zs + shift: the target scaled to [0, 1] and smoothed, one fma */        \
     const X sc = (X)p->scale, zs = (X)((1.0 - p->eps) / p->scale);                     \
@@ -150,10 +156,9 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
     const X ignore = (X)p->ignore;                                                     \
     const RKEY(T) top_ok = rkey_top_##T(p->scale);                                     \
     const int64_t n = s->n;                                                            \
-    double total = 0.0;                                                                \
     int32_t count = 0;              /* n <= FASTSCE_BLOCK: 32-bit lanes suffice */     \
     RKEY(T) top = 0;                                                                   \
-    _Pragma("omp simd reduction(+:total,count) reduction(max:top)")                    \
+    _Pragma("omp simd reduction(+:count) reduction(max:top)")                          \
     for (int64_t i = 0; i < n; i++) {                                                  \
         X tf = (X)t[i];                                                                \
         int valid = extras ? mk[i] != (X)0 : 1;                                        \
@@ -164,13 +169,13 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
         X loss = element_##XN(x[i], tf, sc, zs, shift, extras ? pw[i] : (X)1,          \
                               extras ? w[i] : (X)1, gs, from_logits, divergence, &dl); \
         loss = valid ? loss : (X)0;                                                    \
-        total += (double)loss;                                                         \
+        losses[i] = (double)loss;                                                      \
         count += valid;                                                                \
         if (want_g) g[i] = valid ? dl : (X)0;                                          \
         if (want_l) l[i] = loss;                                                       \
     }                                                                                  \
     /* every element counts unless masked or ignored: no sum needed then     */    \
-    seg_sums r = {total, extras || has_ignore ? count : n, top > top_ok};              \
+    seg_sums r = {extras || has_ignore ? count : n, top > top_ok};                     \
     return r;                                                                          \
 }
 DEFINE_LOOP(f32, float, f32, float)
@@ -196,12 +201,13 @@ ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,  
     const int with_ignore = IS_INT(T) && s->p->has_ignore;                             \
     const T *t = (const T *)s->t;                                                      \
     X tb[TARGET_CHUNK], mb[TARGET_CHUNK];                                              \
-    seg_sums r = {0.0, 0, 0};                                                          \
+    seg_sums r = {0, 0};                                                               \
     for (int64_t c = 0; c < s->n; c += TARGET_CHUNK) {                                 \
         const int64_t k = s->n - c < TARGET_CHUNK ? s->n - c : TARGET_CHUNK;           \
         seg_args sub = *s;                                                             \
         sub.x = (const X *)s->x + c;                                                   \
         sub.t = t + c;                                                                 \
+        sub.losses = s->losses + c;                                                    \
         sub.n = k;                                                                     \
         if (IS_INT(T)) {                                                               \
             for (int64_t j = 0; j < k; j++) tb[j] = (X)t[c + j];                       \
@@ -218,7 +224,6 @@ ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,  
         seg_sums q = with_ignore                                                       \
             ? LOOP(XN, TN)(&sub, from_logits, divergence, extras, want_g, want_l, 1)   \
             : LOOP(XN, TN)(&sub, from_logits, divergence, extras, want_g, want_l, 0);  \
-        r.loss += q.loss;                                                              \
         r.count += q.count;                                                            \
         r.bad += q.bad;                                                                \
     }                                                                                  \
@@ -307,15 +312,17 @@ typedef struct {
     int64_t *part_count, *part_bad, *part_first;
 } walk;
 
-/* Per-thread scratch: a row buffer per slot, plus neutral buffers (ones). */
-typedef struct { char *buf[FASTSCE_NSLOTS]; } walk_scratch;
+/* Per-thread scratch: a row buffer per slot, plus neutral buffers (ones), and
+ * the block's element losses. */
+typedef struct { char *buf[FASTSCE_NSLOTS]; double *losses; } walk_scratch;
 
 static void *scratch_alloc(const void *ctx)
 {
     const walk *k = ctx;
     const size_t per = (size_t)FASTSCE_BLOCK * 8;
-    walk_scratch *sc = malloc(sizeof *sc + per * FASTSCE_NSLOTS);
+    walk_scratch *sc = malloc(sizeof *sc + per * (FASTSCE_NSLOTS + 1));
     if (!sc) return NULL;
+    sc->losses = (double *)((char *)(sc + 1) + per * FASTSCE_NSLOTS);
     for (int s = 0; s < FASTSCE_NSLOTS; s++) {
         sc->buf[s] = (char *)(sc + 1) + per * s;
         if (k->neutral[s]) {
@@ -333,11 +340,11 @@ static void run_block(const void *ctx, int64_t b, void *scratch)
 {
     const walk *k = ctx;
     char **buf = ((walk_scratch *)scratch)->buf;
+    double *losses = ((walk_scratch *)scratch)->losses;
     const int nd = k->ndim;
     const int64_t inner = k->shape[nd - 1];
     int64_t start, stop;
     const int64_t grp = block_range(b, k->group_size, &start, &stop);
-    double total = 0.0;
     int64_t count = 0, bad = 0, first = -1;
     for (int64_t i = start; i < stop;) {
         int64_t row = i / inner, col = i - row * inner;
@@ -361,7 +368,8 @@ static void run_block(const void *ctx, int64_t b, void *scratch)
             }
         }
         seg_args a = {ptr[SX], ptr[ST], ptr[SW], ptr[SPW], (const uint8_t *)ptr[SM], NULL,
-                      (void *)ptr[SG], (void *)ptr[SL], n, k->p, k->gscale ? k->gscale[grp] : 0.0};
+                      (void *)ptr[SG], (void *)ptr[SL], losses + (i - start), n, k->p,
+                      k->gscale ? k->gscale[grp] : 0.0};
         seg_sums r = k->segment(&a);
         for (int s = SG; s <= SL; s++) {
             int64_t st = k->strides[s * nd + nd - 1], it = k->item[s];
@@ -374,11 +382,10 @@ static void run_block(const void *ctx, int64_t b, void *scratch)
                                   k->p, first < 0 ? &f : NULL);
             if (f >= 0) first = i + f;
         }
-        total += r.loss;
         count += r.count;
         i += n;
     }
-    if (k->part_loss) k->part_loss[b] = total;
+    if (k->part_loss) k->part_loss[b] = block_sum(losses, stop - start);
     k->part_count[b] = count;
     k->part_bad[b] = bad;
     k->part_first[b] = first;
@@ -480,7 +487,7 @@ ALWAYS_INLINE seg_sums count_loop_##TN(const seg_args *s, int masked)           
         }                                                                              \
         count += valid;                                                                \
     }                                                                                  \
-    seg_sums r = {0.0, count, bad};                                                    \
+    seg_sums r = {count, bad};                                                         \
     return r;                                                                          \
 }                                                                                      \
 FASTSCE_CLONES static seg_sums count_##TN(const seg_args *s)                           \

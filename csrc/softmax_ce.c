@@ -606,14 +606,6 @@ static int64_t tile_pixels(int64_t inner, int64_t col, int64_t left, int64_t tsz
     return n < tsz ? n : tsz;
 }
 
-FASTSCE_CLONES static double block_sum(const double *buf, int64_t n)
-{
-    double total = 0.0;
-#pragma omp simd reduction(+:total)
-    for (int64_t i = 0; i < n; i++) total += buf[i];
-    return total;
-}
-
 static void softmax_block(const void *ctx, int64_t b, void *scratch)
 {
     const softmax_walk *k = ctx;

@@ -14,7 +14,10 @@ Design
   stride, converting (`_numba_convert`).
 * Blocks: each reduction group is cut into blocks of BLOCK elements; one
   float64 partial per block, combined by the caller in a fixed order, so the
-  result does not depend on the thread count. Threads take whole blocks.
+  result does not depend on the thread count. Threads take whole blocks. The
+  rows write their element losses to one block-wide buffer, summed once when
+  the block is done: a block's partial does not depend on where its rows
+  break (a strided view and a contiguous copy of it sum alike).
 * Specialization: absent operands are passed as None and pruned at compile
   time; `from_logits` and `divergence` are baked into a kernel by `_kernel`.
   Kernels are cached on disk (cache=True), so a second process does not
@@ -165,6 +168,7 @@ def _segment(from_logits, divergence, ftype):
 
     @jit(key, fastmath=False, **_OPTS)
     def segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs, losses):
+        # (losses: where this row's element losses go in its block's buffer)
         # Per-call constants, rounded to the compute type once (as in C).
         sc = F(scale)
         zs = F((1.0 - eps) / scale)     # z = tf * zs + shift, one fma
@@ -196,7 +200,7 @@ def _segment(from_logits, divergence, ftype):
                 l[i] = loss
         # every element counts unless masked or ignored (as C)
         every = m is None and ignore is None
-        return _sum64(losses, n), n if every else count, top > top_ok
+        return n if every else count, top > top_ok
 
     return segment
 
@@ -204,13 +208,13 @@ def _segment(from_logits, divergence, ftype):
 @jit(**_OPTS)
 def _count_segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs, losses):
     """Count and check only (the pre-pass of a masked "mean" gradient or of an
-    in-place out=logits)."""
+    in-place out=logits); no losses (x and losses are None)."""
     count = 0
     bad = 0
     for i in range(n):
         count += _valid(m, t, i, ignore)
         bad += _is_bad(t, m, i, scale, ignore)
-    return 0.0, count, bad
+    return count, bad
 
 
 @jit(fastmath=_ACC, **_OPTS)
@@ -344,6 +348,18 @@ def _out_present(a, *args):
     return buf[:n]
 
 
+def _rest_present(a, *args):
+    return a[args[0]:]
+
+
+def _sum_present(a, *args):
+    return _sum64(a, args[0])
+
+
+def _no_sum(a, *args):
+    return 0.0
+
+
 def _scatter_present(a, *args):
     off, stride, n, buf = args
     if stride != 1:
@@ -355,6 +371,8 @@ _scratch = _by_type(_scratch_present, _absent, _scratch_half)
 _view = _by_type(_view_present, _absent, _view_half)
 _out = _by_type(_out_present, _absent)
 _scatter = _by_type(_scatter_present, _absent)
+_rest = _by_type(_rest_present, _absent)
+_block_sum = _by_type(_sum_present, _no_sum)
 
 
 @functools.lru_cache(maxsize=None)
@@ -385,7 +403,6 @@ def _driver(segment, ftype):
             gb = _scratch(g, size, F)
             lb = _scratch(l, size, F)
             losses = _scratch(x, BLOCK, F)
-            total = 0.0
             count = 0
             bad = 0
             first = -1
@@ -400,8 +417,8 @@ def _driver(segment, ftype):
                 pv = _view(pw, off[4], strides[4, ndim - 1], n, pb, codes[4])
                 gv = _out(g, off[5], strides[5, ndim - 1], n, gb)
                 lv = _out(l, off[6], strides[6, ndim - 1], n, lb)
-                s_loss, s_count, s_bad = segment(xv, tv, wv, mv, pv, gv, lv, n, scale, eps,
-                                                 ignore, gs, losses)
+                s_count, s_bad = segment(xv, tv, wv, mv, pv, gv, lv, n, scale, eps, ignore,
+                                         gs, _rest(losses, i - start))
                 _scatter(g, off[5], strides[5, ndim - 1], n, gb)
                 _scatter(l, off[6], strides[6, ndim - 1], n, lb)
                 if s_bad:
@@ -409,10 +426,9 @@ def _driver(segment, ftype):
                     bad += r_bad
                     if r_first >= 0:
                         first = i + r_first
-                total += s_loss
                 count += s_count
                 i += n
-            part_loss[b] = total
+            part_loss[b] = _block_sum(losses, stop - start)
             part_count[b] = count
             part_bad[b] = bad
             part_first[b] = first
