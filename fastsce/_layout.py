@@ -102,7 +102,7 @@ def _element_strides(a):
     return [s // a.dtype.itemsize for s in a.strides]
 
 
-def _flat_view(a, strides):
+def _flat_view(a, strides, writeable):
     """1-D view from the lowest address of `a` to its highest, and the offset of a[0,...,0]."""
     lowest = sum((n - 1) * s for n, s in zip(a.shape, strides) if s < 0)
     highest = sum((n - 1) * s for n, s in zip(a.shape, strides) if s > 0)
@@ -110,7 +110,7 @@ def _flat_view(a, strides):
     corner = a[tuple(slice(i, i + 1) for i in start)] if a.ndim else a.reshape(1)
     flat = np.lib.stride_tricks.as_strided(
         corner, shape=(highest - lowest + 1,), strides=(a.dtype.itemsize,),
-        writeable=a.flags.writeable,
+        writeable=writeable,
     )
     return flat, -lowest
 
@@ -180,7 +180,11 @@ def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None
         if slot in fulls:
             class_strides[i] = _element_strides(whole)[class_axis]
         if n:
-            flat, offsets[i] = _flat_view(whole, _element_strides(whole))
+            # Inputs are always read-only views: a writable and a read-only
+            # caller's array (a broadcast, a dask chunk from another process)
+            # would otherwise be two Numba types, each kernel compiled twice.
+            flat, offsets[i] = _flat_view(whole, _element_strides(whole),
+                                          writeable=slot in ("g", "l"))
             flats[slot], codes[i] = _storage(flat)
     if group_size is None:
         group_size = n
