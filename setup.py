@@ -13,8 +13,10 @@ class ParallelBuildExt(build_ext):
     one)."""
 
     def build_extension(self, ext):
-        compile_files = self.compiler.compile
         jobs = min(len(ext.sources), os.cpu_count() or 1)
+        if jobs < 2 or self.compiler.compiler_type != "unix":   # (MSVC sets up lazily)
+            return super().build_extension(ext)
+        compile_files = self.compiler.compile
 
         def compile_side_by_side(sources, *args, **kwargs):
             with ThreadPoolExecutor(jobs) as pool:

@@ -70,8 +70,9 @@ def _f64(a):
     return ffi.from_buffer("double *", a)
 
 
-#: Bytes of a binary walk's per-thread scratch: a BLOCK-long row buffer per slot.
-WALK_SCRATCH = len(SLOTS) * 8 * BLOCK
+#: Bytes of a binary walk's per-thread scratch: a BLOCK-long row buffer per
+#: slot and the block's float64 element losses.
+WALK_SCRATCH = (len(SLOTS) + 1) * 8 * BLOCK
 
 
 def _check(status, what, per_thread, threads):

@@ -27,6 +27,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+try:
+    import fcntl
+except ImportError:     # (Windows: Numba's own unlocked saves)
+    fcntl = None
+
 
 def jit(key="", **options):
     """njit with a stable identity, so Numba's disk cache hits in a new process.
@@ -51,9 +56,36 @@ def jit(key="", **options):
             fn.__qualname__ += "_" + hashlib.sha256(key.encode()).hexdigest()[:12]
         dispatcher = njit(**options)(fn)
         dispatcher._set_uuid(f"fastsce:{_SOURCE_DIGEST}:{fn.__module__}.{fn.__qualname__}:{key}")
+        _lock_cache_saves(dispatcher)
         return dispatcher
 
     return wrap
+
+
+def _lock_cache_saves(dispatcher):
+    """Serialize a cached dispatcher's disk-cache saves across processes.
+
+    Numba saves an entry by reading the kernel's index, taking the first free
+    data-file number, rewriting the index and then writing the data, with no
+    lock: two processes compiling different signatures of one kernel at once
+    (pytest -n, dask workers) lose one entry, or leave one signature's index
+    entry naming the other's machine code. Each save here holds an exclusive
+    flock on a file beside the index."""
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    if fcntl is None or cache_file is None:
+        return
+    save = cache_file.save
+
+    def locked_save(key, data):
+        try:
+            lock = open(cache_file._index_path + ".lock", "a")
+        except OSError:     # (no lock file, no lock: Numba's behaviour)
+            return save(key, data)
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return save(key, data)
+
+    cache_file.save = locked_save
 
 
 #: Modules whose constants the kernels freeze at compile time (BLOCK, SWAPPED,

@@ -55,3 +55,40 @@ def test_kernel_variants_get_their_own_code_names():
     for group in (tiles, drivers, segments):
         names = [d.py_func.__qualname__ for d in group]
         assert len(set(names)) == len(names), names
+
+
+def test_concurrent_cache_saves_keep_every_entry(tmp_path, monkeypatch):
+    # Two saves of different signatures of one kernel at once (two pytest -n
+    # workers, two dask workers): each reads the index before either writes
+    # it. Numba's own save would give both the same data file and one entry
+    # would be lost (or name the other's machine code); the flock serializes
+    # them. Threads stand in for processes: each opens the lock file itself.
+    import threading
+    import time
+
+    from fastsce._numba_math import jit
+
+    @jit("cache-save-race", cache=True)
+    def kernel(a):
+        return a + 1
+
+    cache_file = kernel._cache._cache_file
+    monkeypatch.setattr(cache_file, "_cache_path", str(tmp_path))
+    monkeypatch.setattr(cache_file, "_index_path", str(tmp_path / "kernel.nbi"))
+    load_index = cache_file._load_index
+
+    def slow_load_index():
+        overloads = load_index()
+        time.sleep(0.3)     # the other save reads the index meanwhile
+        return overloads
+
+    monkeypatch.setattr(cache_file, "_load_index", slow_load_index)
+    saves = [threading.Thread(target=cache_file.save, args=((name,), f"code of {name}"))
+             for name in ("sig-a", "sig-b")]
+    for t in saves:
+        t.start()
+    for t in saves:
+        t.join()
+    monkeypatch.setattr(cache_file, "_load_index", load_index)
+    assert cache_file.load(("sig-a",)) == "code of sig-a"
+    assert cache_file.load(("sig-b",)) == "code of sig-b"

@@ -266,8 +266,7 @@ def _assert_results_close(a, b, dtype, reduction, what):
     assert ok.all(), f"{what}: grad differs at {np.argwhere(~ok)[:5].tolist()}"
 
 
-# Weight and mask get fewer layouts: each read-only operand is another Numba
-# specialization to compile, and their strided walk is the logits' walk.
+# Weight and mask get fewer layouts: their strided walk is the logits' walk.
 ROLE_LAYOUTS = {
     "logits": None,  # all
     "targets": None,

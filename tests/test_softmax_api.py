@@ -502,8 +502,9 @@ def _variants(a, tmp_path, name):
         yield "packed-field", packed_field(a)
 
 
-# read-only views (np.broadcast_to, memmap mode "r", flags.writeable=False) are
-# another Numba type: only logits and targets get them, with reduction="none"
+# read-only views (np.broadcast_to, memmap mode "r", flags.writeable=False):
+# only logits and targets get them, with reduction="none" (the kernels see
+# every input read-only, so these check that the API passes them through)
 READ_ONLY = ("read-only", "memmap")
 
 
