@@ -38,9 +38,9 @@ from . import _numba_math as M
 from ._numba_math import copy_elements, jit, prefetch, store_fence, stream_elements
 from ._layout import BUF_PAD
 from ._numba_convert import convert
-from ._numba_kernels import (_ACC, _EXACT, _EXP_CLASS, _MATH, _OPTS, _absent, _by_type, _out,
-                              _scatter, _scratch, _view, block_range, range_key, range_top,
-                              row_offsets)
+from ._numba_kernels import (_EXACT, _EXP_CLASS, _MATH, _OPTS, _absent, _by_type, _out,
+                              _scatter, _scratch, _sum64, _view, block_range, range_key,
+                              range_top, row_offsets)
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
 #: Pixels per chunk. The C twin uses 16 and keeps the per-pixel sums in
@@ -422,14 +422,6 @@ def _first_bad_pixel(valid, z, zo, zcs, n, C, scale, hard):
     return -1
 
 
-@jit(fastmath=_ACC, **_OPTS)
-def _block_sum(buf, n):
-    total = 0.0
-    for i in range(n):
-        total += buf[i]
-    return total
-
-
 @functools.lru_cache(maxsize=None)
 def _driver(from_logits, divergence, hard, ftype):
     tile = _tile(from_logits, divergence, hard, ftype)
@@ -519,7 +511,7 @@ def _driver(from_logits, divergence, hard, ftype):
                 i += n
             if g_stream:
                 store_fence()
-            part_loss[b] = _block_sum(lbuf, stop - start)
+            part_loss[b] = _sum64(lbuf, stop - start)
             part_count[b] = count
             part_bad[b] = bad
             part_first[b] = first
