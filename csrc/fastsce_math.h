@@ -237,10 +237,14 @@ MATH_INLINE double log_f64(double u)
     int tiny = u < 2.2250738585072014e-308;
     double v = tiny ? u * 18014398509481984.0 : u;  /* 2^54 lifts subnormals */
     uint64_t ix = (uint64_t)f64_bits(v) + ((uint64_t)(0x3FF00000u - 0x3FE6A09Eu) << 32);
-    int64_t k = (int64_t)(ix >> 52) - 1023;
+    /* the exponent as a double by its bits, 2^52 + e exactly, minus 2^52 +
+     * 1023: AVX2 has no int64 -> double conversion, and with one the loops
+     * calling this stayed scalar (the softmax's per-pixel loss: a third of
+     * its tile's time) */
+    double kf = bits_f64((int64_t)((ix >> 52) | 0x4330000000000000ull))
+                - (4503599627370496.0 + 1023.0) - (tiny ? 54.0 : 0.0);
     ix = (ix & 0x000FFFFFFFFFFFFFull) + ((uint64_t)0x3FE6A09Eu << 32);
     double f = bits_f64((int64_t)ix) - 1.0;
-    double kf = (double)k - (tiny ? 54.0 : 0.0);
     double r = log_reduced_f64(f, kf);
     r = u < INFINITY ? r : u;
     r = u == 0.0 ? -INFINITY : r;
