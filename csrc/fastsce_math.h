@@ -177,6 +177,10 @@ MATH_INLINE double exp_poly_f64(double hi, double lo)
     return 1.0 - ((lo - (r * c) / (2.0 - c)) - hi);
 }
 
+/* 1.5 * 2^52: x + RINT_F64 is x rounded to an integer k (|k| < 2^51),
+ * and its bits are RINT_F64's plus k. */
+#define RINT_F64 6755399441055744.0
+
 /* As exp_class_f32: exp(d + err) * 2^140, d clamped at -800, every result a
  * normal float64 (the smallest subnormal is e^-745). */
 #define EXP_CLASS_MIN_f64 (-800.0)
@@ -184,11 +188,11 @@ MATH_INLINE double exp_poly_f64(double hi, double lo)
 MATH_INLINE double exp_class_f64(double d, double err)
 {
     d = d < EXP_CLASS_MIN_f64 ? EXP_CLASS_MIN_f64 : d;
-    double kb = d * 1.44269504088896338700e+00 + 6755399441055744.0;
-    double k = kb - 6755399441055744.0;
+    double kb = d * 1.44269504088896338700e+00 + RINT_F64;
+    double k = kb - RINT_F64;
     double p = exp_poly_f64(d - k * 6.93147180369123816490e-01,
                             k * 1.90821492927058770002e-10 - err);
-    uint64_t ki = (uint64_t)(f64_bits(kb) - f64_bits(6755399441055744.0));
+    uint64_t ki = (uint64_t)(f64_bits(kb) - f64_bits(RINT_F64));
     return p * bits_f64((int64_t)((ki + 1023u + 140u) << 52));
 }
 
@@ -196,10 +200,10 @@ MATH_INLINE double exp_class_f64(double d, double err)
 MATH_INLINE double exp_neg_f64(double x)
 {
     x = x < -746.0 ? -746.0 : x;
-    double kb = x * 1.44269504088896338700e+00 + 6755399441055744.0;
-    double k = kb - 6755399441055744.0;
+    double kb = x * 1.44269504088896338700e+00 + RINT_F64;
+    double k = kb - RINT_F64;
     double p = exp_poly_f64(x - k * 6.93147180369123816490e-01, k * 1.90821492927058770002e-10);
-    uint64_t ki = (uint64_t)(f64_bits(kb) - f64_bits(6755399441055744.0));
+    uint64_t ki = (uint64_t)(f64_bits(kb) - f64_bits(RINT_F64));
     return p * bits_f64((int64_t)((ki + 1023u + 60u) << 52)) * 0x1p-60;
 }
 
@@ -237,12 +241,12 @@ MATH_INLINE double log_f64(double u)
     int tiny = u < 2.2250738585072014e-308;
     double v = tiny ? u * 18014398509481984.0 : u;  /* 2^54 lifts subnormals */
     uint64_t ix = (uint64_t)f64_bits(v) + ((uint64_t)(0x3FF00000u - 0x3FE6A09Eu) << 32);
-    /* the exponent as a double by its bits, 2^52 + e exactly, minus 2^52 +
-     * 1023: AVX2 has no int64 -> double conversion, and with one the loops
+    /* the exponent as a double by RINT_F64's bits, the exp's rounding in
+     * reverse: AVX2 has no int64 -> double conversion, and with one the loops
      * calling this stayed scalar (the softmax's per-pixel loss: a third of
      * its tile's time) */
-    double kf = bits_f64((int64_t)((ix >> 52) | 0x4330000000000000ull))
-                - (4503599627370496.0 + 1023.0) - (tiny ? 54.0 : 0.0);
+    double kf = bits_f64(f64_bits(RINT_F64) + (int64_t)(ix >> 52)) - (RINT_F64 + 1023.0)
+                - (tiny ? 54.0 : 0.0);
     ix = (ix & 0x000FFFFFFFFFFFFFull) + ((uint64_t)0x3FE6A09Eu << 32);
     double f = bits_f64((int64_t)ix) - 1.0;
     double r = log_reduced_f64(f, kf);

@@ -370,7 +370,6 @@ def log_f32(u):
 
 # ---------------------------------------------------------------- float64
 
-F64 = np.float64
 _E64_LOG2E = 1.44269504088896338700e+00
 _E64_LN2HI = 6.93147180369123816490e-01
 _E64_LN2LO = 1.90821492927058770002e-10
@@ -458,10 +457,9 @@ def log_f64(u):
     tiny = u < 2.2250738585072014e-308
     v = u * 18014398509481984.0 if tiny else u   # 2^54 lifts subnormals
     ix = f64_bits(v) + np.int64((0x3FF00000 - 0x3FE6A09E) << 32)
-    # the exponent as a double by its bits, as C (where AVX2's lack of an
-    # int64 -> double conversion kept the calling loops scalar)
-    kf = bits_f64((ix >> 52) | np.int64(0x4330000000000000)) - (4503599627370496.0 + 1023.0) \
-        - (54.0 if tiny else 0.0)
+    # the exponent as a double by _RINT64's bits, as C (where AVX2's lack of
+    # an int64 -> double conversion kept the calling loops scalar)
+    kf = bits_f64(_RINT64_BITS + (ix >> 52)) - (_RINT64 + 1023.0) - (54.0 if tiny else 0.0)
     ix = (ix & 0x000FFFFFFFFFFFFF) + np.int64(0x3FE6A09E << 32)
     f = bits_f64(ix) - 1.0
     r = log_reduced_f64(f, kf)
