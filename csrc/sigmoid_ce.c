@@ -320,7 +320,7 @@ static void *scratch_alloc(const void *ctx)
 {
     const walk *k = ctx;
     const size_t per = (size_t)FASTSCE_BLOCK * 8;
-    walk_scratch *sc = malloc(sizeof *sc + per * (FASTSCE_NSLOTS + 1));
+    walk_scratch *sc = fastsce_scratch_get(sizeof *sc + per * (FASTSCE_NSLOTS + 1));
     if (!sc) return NULL;
     sc->losses = (double *)((char *)(sc + 1) + per * FASTSCE_NSLOTS);
     for (int s = 0; s < FASTSCE_NSLOTS; s++) {

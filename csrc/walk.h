@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "fastsce.h"
+#include "scratch.h"
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -118,8 +119,8 @@ static inline int64_t block_range(int64_t b, int64_t group_size, int64_t *start,
 }
 
 /* Run block(ctx, b, scratch) for every block, threads taking whole blocks in a
- * static schedule; each thread gets its own scratch from alloc(ctx) (freed
- * with free). No float reduction crosses threads: every block writes its own
+ * static schedule; each thread gets its own scratch from alloc(ctx) (by
+ * fastsce_scratch_get; handed back by fastsce_scratch_put). No float reduction crosses threads: every block writes its own
  * partials. Returns FASTSCE_ENOMEM if a thread's scratch could not be had.
  * One thread never enters the OpenMP runtime: GNU libgomp hangs in a child
  * forked after its pool started, and such a child calls with one thread
@@ -133,7 +134,7 @@ static inline int parallel_blocks(int64_t n_blocks, int num_threads, const void 
         void *scratch = alloc(ctx);
         if (!scratch) return FASTSCE_ENOMEM;
         for (int64_t b = 0; b < n_blocks; b++) block(ctx, b, scratch);
-        free(scratch);
+        fastsce_scratch_put(scratch);
         return 0;
     }
 #ifdef _OPENMP
@@ -147,7 +148,7 @@ static inline int parallel_blocks(int64_t n_blocks, int num_threads, const void 
 #endif
         for (int64_t b = 0; b < n_blocks; b++)
             if (scratch) block(ctx, b, scratch);
-        free(scratch);
+        fastsce_scratch_put(scratch);
     }
     return failed ? FASTSCE_ENOMEM : 0;
 }
