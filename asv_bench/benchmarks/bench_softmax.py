@@ -19,3 +19,18 @@ class SoftmaxLossAndGrad:
 
     def time_mean_and_grad(self, backend, layout, dtype, classes):
         self.fn()
+
+
+class SoftmaxSmallCall:
+    """One small image per call (a mask of a batch evaluated image by image):
+    what a call costs beyond its arithmetic (argument handling, scratch)."""
+    params = [BACKENDS]
+    param_names = ["backend"]
+
+    def setup(self, backend):
+        x, z = softmax_data((1, 21, 64, 64), 1, np.dtype("float32"))
+        self.fn = runner("softmax", backend, x, z, axis=1)
+        self.fn()
+
+    def time_small_call(self, backend):
+        self.fn()
