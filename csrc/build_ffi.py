@@ -91,7 +91,8 @@ ffibuilder.set_source(
     "fastsce._cffi_kernels",
     '#include "fastsce.h"\n',
     # setuptools wants paths relative to setup.py's folder.
-    sources=[os.path.relpath(HERE / name) for name in ("sigmoid_ce.c", "softmax_ce.c", "scratch.c")],
+    sources=[os.path.relpath(HERE / name)
+             for name in ("sigmoid_ce.c", "softmax_ce.c", "scratch.c")],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=flags + [f'-DFASTSCE_BUILD_FLAGS_STR="{" ".join(flags)}"'],
     extra_link_args=link_omp + sanitize[:1],

@@ -550,8 +550,8 @@ static void *softmax_scratch_alloc(const void *ctx)
     const size_t t = (size_t)k->tsz * 8, ce = (size_t)(k->C * CHUNK) * 16;
     const size_t st = k->stream_g ? (size_t)(k->C * STRIDED_PIXELS) * 8 : 0;
     softmax_scratch *sc = fastsce_scratch_get(sizeof *sc + ct[0] + ct[1] + ct[2] + st + ce
-                                 + (FASTSCE_NSLOTS + 2) * t + (size_t)FASTSCE_BLOCK * 8
-                                 + (size_t)k->tsz);
+                                              + (FASTSCE_NSLOTS + 2) * t
+                                              + (size_t)FASTSCE_BLOCK * 8 + (size_t)k->tsz);
     if (!sc) return NULL;
     char *c = (char *)(sc + 1);
     sc->xs = c; c += ct[0];

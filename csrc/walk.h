@@ -120,11 +120,11 @@ static inline int64_t block_range(int64_t b, int64_t group_size, int64_t *start,
 
 /* Run block(ctx, b, scratch) for every block, threads taking whole blocks in a
  * static schedule; each thread gets its own scratch from alloc(ctx) (by
- * fastsce_scratch_get; handed back by fastsce_scratch_put). No float reduction crosses threads: every block writes its own
- * partials. Returns FASTSCE_ENOMEM if a thread's scratch could not be had.
- * One thread never enters the OpenMP runtime: GNU libgomp hangs in a child
- * forked after its pool started, and such a child calls with one thread
- * (fastsce/_threads.py). */
+ * fastsce_scratch_get, handed back by fastsce_scratch_put). No float
+ * reduction crosses threads: every block writes its own partials. Returns
+ * FASTSCE_ENOMEM if a thread's scratch could not be had. One thread never
+ * enters the OpenMP runtime: GNU libgomp hangs in a child forked after its
+ * pool started, and such a child calls with one thread (fastsce/_threads.py). */
 static inline int parallel_blocks(int64_t n_blocks, int num_threads, const void *ctx,
                                   void *(*alloc)(const void *),
                                   void (*block)(const void *, int64_t, void *))
