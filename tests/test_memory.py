@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -222,11 +223,10 @@ def _scratch_cases():
 
 
 def test_scratch_kept_across_calls_kernels_and_threads(fast_backend):
-    """A thread keeps its scratch between calls (csrc/scratch.c): calls of
-    other sizes and kernels on the same thread, in both orders, on threads
-    that start and exit, and at 2 threads give bitwise the first results."""
-    import threading
-
+    """Calls of other sizes and kernels on the same thread, in both orders, on
+    threads that start and exit, and at 2 threads give bitwise the first
+    results: in C a thread keeps its scratch between calls (csrc/scratch.c);
+    Numba allocates per block, and must agree all the same."""
     cases = _scratch_cases()
     first = [case(fast_backend) for case in cases]
 
