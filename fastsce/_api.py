@@ -7,7 +7,7 @@ strided operands (see `_layout`) and never re-check.
 import inspect
 import math
 from collections import namedtuple
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -80,7 +80,7 @@ _NOT_REAL = (str, bytes, bool, np.bool_, complex, np.complexfloating)
 def _real(name, value, lo=-math.inf, hi=math.inf):
     """A finite float in [lo, hi] from a Python or NumPy scalar."""
     try:
-        if isinstance(value, _NOT_REAL) or np.ndim(value) != 0:
+        if type(value) is not float and (isinstance(value, _NOT_REAL) or np.ndim(value) != 0):
             raise TypeError
         v = float(value)
     except (TypeError, ValueError):
@@ -240,9 +240,9 @@ def _self_overlapping(a):
 
 
 def _same_view(a, b):
-    return (
-        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-        and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+    return a is b or (
+        a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
     )
 
 
@@ -462,16 +462,31 @@ def _canonical(call):
     and the softmax's class-shaped operands with the class axis last: the form
     `_groups` views take."""
     def pix(a):
-        return None if a is None else np.broadcast_to(a, call.shape)
+        return None if a is None else _broadcast(a, call.shape)
 
     if isinstance(call, SoftmaxCall):
-        def last(a):
-            return None if a is None else np.moveaxis(a, call.axis, -1)
+        ndim = call.x.ndim
+        last_axis = [d for d in range(ndim) if d != call.axis] + [call.axis]
 
-        z = pix(call.z) if call.hard else last(np.broadcast_to(call.z, call.x.shape))
-        return replace(call, x=last(call.x), z=z, w=pix(call.w), m=pix(call.m),
-                       grad=last(call.grad), axis=call.x.ndim - 1)
-    return replace(call, z=pix(call.z), w=pix(call.w), m=pix(call.m), pw=pix(call.pw))
+        def last(a):
+            return None if a is None else a.transpose(last_axis)
+
+        z = pix(call.z) if call.hard else last(_broadcast(call.z, call.x.shape))
+        return _with(call, x=last(call.x), z=z, w=pix(call.w), m=pix(call.m),
+                     grad=last(call.grad), axis=ndim - 1)
+    return _with(call, z=pix(call.z), w=pix(call.w), m=pix(call.m), pw=pix(call.pw))
+
+
+def _broadcast(a, shape):
+    return a if a.shape == shape else np.broadcast_to(a, shape)
+
+
+def _with(call, **fields):
+    """A copy of `call` with `fields` changed: dataclasses.replace without
+    running __init__ again, which cost a small call 5% of its time."""
+    new = object.__new__(type(call))
+    new.__dict__.update(call.__dict__, **fields)
+    return new
 
 
 def _split(call, parts):
@@ -491,7 +506,7 @@ def _split(call, parts):
             fields["axis"] = len(part.shape)
         else:
             fields["pw"] = view(call.pw)
-        out.append((part, replace(call, **fields)))
+        out.append((part, _with(call, **fields)))
     return out
 
 
@@ -525,6 +540,13 @@ def _totals(call, results, chunk, what):
 
 def _group_scales(parts, reduction, grad_scale, counts):
     """Each part's per-group gradient factor: grad_scale, over the group's count for "mean"."""
+    if counts.ndim == 0:  # one group, in Python floats (NumPy's 0-d calls cost more)
+        factor = float(grad_scale)
+        if reduction == "mean":
+            factor = factor / int(counts) if counts > 0 else 0.0
+        for _, c in parts:
+            c.gscale = np.array([factor])
+        return
     scale = np.full(counts.shape, float(grad_scale))
     if reduction == "mean":
         scale = np.divide(scale, counts, out=np.zeros(counts.shape), where=counts > 0)
@@ -616,10 +638,15 @@ def reduced(chunk, reduction):
     an array of the group shape; "mean" divides by the count (NaN for none)."""
     grouping = chunk.grouping
     loss, count = (a.reshape(grouping.result_shape) for a in chunk.sums.totals())
+    if not grouping.grouped:  # in Python floats (NumPy's 0-d calls cost more)
+        total = float(loss)
+        if reduction == "mean":
+            total = total / int(count) if count > 0 else math.nan
+        return total, count
     if reduction == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
             loss = np.where(count > 0, loss / np.maximum(count, 1), math.nan)
-    return (loss if grouping.grouped else float(loss)), count
+    return loss, count
 
 
 def _deliver(buf, given, dtype):
@@ -641,6 +668,8 @@ def class_axis(axis, shape):
     ndim = len(shape)
     if ndim == 0:
         raise FastSCEValueError("`logits` must have a class axis; got a 0-d array")
+    if type(axis) is int and -ndim <= axis < ndim:
+        return axis % ndim
     expected = f"an integer in [{-ndim}, {ndim - 1}] for logits.shape={tuple(shape)}"
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
         raise FastSCETypeError(

@@ -43,7 +43,7 @@ def _ptr(plan, slot, code):
 
 def _params(call, plan):
     p = ffi.new("fastsce_params *")
-    p.convert = [int(c) for c in plan.codes]
+    p.convert = plan.codes.tolist()
     p.scale = call.scale
     p.eps = call.label_smoothing
     p.has_ignore = call.ignore_value is not None

@@ -14,6 +14,7 @@ conversion code per slot (SWAPPED, HALF): the kernels convert them row by
 row (tile by tile) in the gather step they use for strided rows, so they
 are never copied whole either.
 """
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,8 +103,28 @@ def _element_strides(a):
     return [s // a.dtype.itemsize for s in a.strides]
 
 
+def _dense(shape, strides):
+    """Whether the elements fill their address range once, in some axis order
+    with positive strides (else ravel("K") would copy them)."""
+    step = 1
+    for stride, n in sorted((s, n) for n, s in zip(shape, strides) if n > 1):
+        if stride != step:
+            return False
+        step *= n
+    return True
+
+
 def _flat_view(a, strides, writeable):
     """1-D view from the lowest address of `a` to its highest, and the offset of a[0,...,0]."""
+    if _dense(a.shape, strides):
+        # Dense in some axis order (C, F, a moved axis): ravel views it in
+        # memory order, without as_strided's cost (a tenth of a small call).
+        flat = a.ravel("K")
+        if flat is a or flat.base is not None:
+            if not writeable:
+                flat = flat.view()
+                flat.flags.writeable = False
+            return flat, 0
     lowest = sum((n - 1) * s for n, s in zip(a.shape, strides) if s < 0)
     highest = sum((n - 1) * s for n, s in zip(a.shape, strides) if s > 0)
     start = tuple(n - 1 if s < 0 else 0 for n, s in zip(a.shape, strides))
@@ -143,8 +164,8 @@ def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None
     also get a class stride; the walk covers their class-0 elements.
     """
     shape = tuple(int(s) for s in shape)
-    n = int(np.prod(shape, dtype=np.int64))
-    views, fulls = {}, {}
+    n = math.prod(shape)
+    present, wholes, pixel_strides, class_strides = [], [], [], [0] * len(SLOTS)
     for slot in SLOTS:
         a = operands.get(slot)
         if a is None:
@@ -157,43 +178,41 @@ def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None
             assert slot not in ("g", "l"), slot
             copy = np.array(compact(a), order="C")
             a = copy if copy.shape == a.shape else np.broadcast_to(copy, a.shape)
-        target = shape
-        if class_axis is not None and a.ndim == len(full_shape) and a.shape != shape:
-            target = tuple(full_shape)
-        v = np.broadcast_to(a, target) if a.shape != target else a
-        if target is not shape:
-            fulls[slot] = v
-            v = v[(slice(None),) * class_axis + (0,)]
-        views[slot] = v
-    present = list(views)
-    merged_shape, merged = _coalesce(shape, [_element_strides(views[s]) for s in present])
+        full = class_axis is not None and a.ndim == len(full_shape) and a.shape != shape
+        target = tuple(full_shape) if full else shape
+        whole = np.broadcast_to(a, target) if a.shape != target else a
+        strides = _element_strides(whole)
+        pixel = strides[:class_axis] + strides[class_axis + 1:] if full else strides
+        if full:
+            class_strides[SLOTS.index(slot)] = strides[class_axis]
+        present.append(slot)
+        wholes.append((whole, strides))
+        pixel_strides.append(pixel)
+    merged_shape, merged = _coalesce(shape, pixel_strides)
     ndim = len(merged_shape)
-    strides = np.zeros((len(SLOTS), ndim), dtype=np.int64)
-    offsets = np.zeros(len(SLOTS), dtype=np.int64)
-    codes = np.zeros(len(SLOTS), dtype=np.int32)
-    class_strides = np.zeros(len(SLOTS), dtype=np.int64)
+    strides, offsets, codes = [[0] * ndim for _ in SLOTS], [0] * len(SLOTS), [0] * len(SLOTS)
     flats = dict.fromkeys(SLOTS)
-    for slot, st in zip(present, merged):
+    for slot, st, (whole, whole_strides) in zip(present, merged, wholes):
         i = SLOTS.index(slot)
         strides[i] = st
-        whole = fulls.get(slot, views[slot])
-        if slot in fulls:
-            class_strides[i] = _element_strides(whole)[class_axis]
         if n:
             # Inputs are always read-only views: a writable and a read-only
             # caller's array (a broadcast, a dask chunk from another process)
             # would otherwise be two Numba types, each kernel compiled twice.
-            flat, offsets[i] = _flat_view(whole, _element_strides(whole),
-                                          writeable=slot in ("g", "l"))
+            flat, offsets[i] = _flat_view(whole, whole_strides, writeable=slot in ("g", "l"))
             flats[slot], codes[i] = _storage(flat)
     if group_size is None:
         group_size = n
     n_groups = n // group_size if group_size else 0
     per_group = -(-group_size // BLOCK) if group_size else 0
+    # One array for the int64 fields (each np.array costs a small call ~1%).
+    ints = np.array(merged_shape + offsets + class_strides + sum(strides, []), dtype=np.int64)
+    k = len(SLOTS)
     return Plan(
-        shape=np.asarray(merged_shape, dtype=np.int64), n=n, group_size=group_size,
-        n_groups=n_groups, n_blocks=n_groups * per_group,
-        flats=flats, codes=codes, offsets=offsets, strides=strides, class_strides=class_strides,
+        shape=ints[:ndim], n=n, group_size=group_size, n_groups=n_groups,
+        n_blocks=n_groups * per_group, flats=flats, codes=np.array(codes, dtype=np.int32),
+        offsets=ints[ndim:ndim + k], class_strides=ints[ndim + k:ndim + 2 * k],
+        strides=ints[ndim + 2 * k:].reshape(k, ndim),
     )
 
 

@@ -25,9 +25,10 @@ class Partials:
 def from_blocks(part_loss, part_count, part_bad, part_first, n_groups):
     """Partials of a fast kernel's per-block arrays (blocks never cross a group)."""
     per = part_loss.size // n_groups if n_groups else 0
-    hit = np.flatnonzero(part_bad)
+    bad = int(part_bad.sum())
+    first = int(part_first[np.flatnonzero(part_bad)[0]]) if bad else -1
     return Partials(part_loss.reshape(n_groups, per), part_count.reshape(n_groups, per),
-                    int(part_bad.sum()), int(part_first[hit[0]]) if hit.size else -1)
+                    bad, first)
 
 
 class GroupSums:
@@ -54,6 +55,10 @@ class GroupSums:
         loss = np.zeros(self.size)
         count = np.zeros(self.size, np.int64)
         if not self.ids:
+            return loss, count
+        if self.size == 1:  # a full reduction: every partial is the one group's
+            loss[0] = math.fsum(np.concatenate(self.loss).tolist())
+            count[0] = sum(int(c.sum()) for c in self.count)
             return loss, count
         ids = np.concatenate(self.ids)
         vals = np.concatenate(self.loss)

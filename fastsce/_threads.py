@@ -74,8 +74,9 @@ OVERSUBSCRIPTION = 4
 def resolve_threads(num_threads):
     """The thread count for one call, validated (at most OVERSUBSCRIPTION x the
     CPUs; 1 after an unsafe fork)."""
+    cpus = available_cpus()
     if num_threads is None:
-        value = _env_threads() or available_cpus()
+        value = _env_threads() or cpus
     else:
         try:
             if isinstance(num_threads, (bool, np.bool_)):
@@ -90,4 +91,4 @@ def resolve_threads(num_threads):
             raise FastSCEValueError(
                 f"`num_threads` must be a positive integer or None; got {shown(num_threads)}"
             )
-    return 1 if _forked_after_openmp else min(value, OVERSUBSCRIPTION * available_cpus())
+    return 1 if _forked_after_openmp else min(value, OVERSUBSCRIPTION * cpus)
