@@ -77,7 +77,11 @@ def launch(kernel, threads):
         saved = numba.get_num_threads()   # (starts the layer on the first call)
         if layer() == "omp":
             mark_openmp_used()
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        wanted = min(threads, numba.config.NUMBA_NUM_THREADS)
+        if wanted == saved:  # (each set costs a small call 1-2%)
+            yield kernel
+            return
+        numba.set_num_threads(wanted)
         try:
             yield kernel
         finally:
