@@ -458,9 +458,9 @@ def _raise_targets(call, bad, index, what="index"):
 
 
 def _canonical(call):
-    """The call with every input broadcast to the pixel shape (zero-stride views)
-    and the softmax's class-shaped operands with the class axis last: the form
-    `_groups` views take."""
+    """The call with every input of the pixel shape (smaller ones broadcast as
+    zero-stride views) and the softmax's class-shaped operands with the class
+    axis last: the form `_groups` views take."""
     def pix(a):
         return None if a is None else _broadcast(a, call.shape)
 

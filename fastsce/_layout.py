@@ -119,12 +119,11 @@ def _flat_view(a, strides, writeable):
     if _dense(a.shape, strides):
         # Dense in some axis order (C, F, a moved axis): ravel views it in
         # memory order, without as_strided's cost (a tenth of a small call).
-        flat = a.ravel("K")
-        if flat is a or flat.base is not None:
-            if not writeable:
-                flat = flat.view()
-                flat.flags.writeable = False
-            return flat, 0
+        # (As a plain ndarray: np.matrix would stay 2-D, a memmap type anew.)
+        flat = a.view(np.ndarray).ravel("K")
+        if not writeable:
+            flat.flags.writeable = False
+        return flat, 0
     lowest = sum((n - 1) * s for n, s in zip(a.shape, strides) if s < 0)
     highest = sum((n - 1) * s for n, s in zip(a.shape, strides) if s > 0)
     start = tuple(n - 1 if s < 0 else 0 for n, s in zip(a.shape, strides))

@@ -56,7 +56,7 @@ class GroupSums:
         count = np.zeros(self.size, np.int64)
         if not self.ids:
             return loss, count
-        if self.size == 1:  # a full reduction: every partial is the one group's
+        if self.size == 1:  # one group (a full reduction): all partials are its own
             loss[0] = math.fsum(np.concatenate(self.loss).tolist())
             count[0] = sum(int(c.sum()) for c in self.count)
             return loss, count

@@ -1,13 +1,15 @@
 """The plan's flat views (`_layout._flat_view`): every element of an operand
 is at flat[offset + sum(index * stride)], for dense arrays in any axis order
 (viewed by ravel) and for any other strides (viewed by as_strided), without
-a copy and writable only when asked."""
+a copy, writable only when asked, a plain 1-D ndarray for any subclass."""
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fastsce
 from fastsce import _layout
 
 
@@ -56,3 +58,29 @@ def test_dense_views_by_ravel_are_exact():
     own = x.reshape(-1)
     flat = _check(own, False)
     assert own.flags.writeable and not flat.flags.writeable  # the caller's flag untouched
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_subclass_outputs_are_viewed_as_plain_arrays():
+    """An np.matrix or np.memmap `out=` gets a 1-D plain ndarray view (a matrix's
+    ravel stays 2-D), and both backends write the same gradient into it."""
+    m = np.matrix(np.zeros((3, 4), np.float32))
+    flat, offset = _layout._flat_view(m, _layout._element_strides(m), True)
+    assert type(flat) is np.ndarray and flat.shape == (12,) and offset == 0
+    assert np.shares_memory(flat, m) and flat.flags.writeable
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("kind", ["matrix", "memmap"])
+def test_subclass_out_gets_the_gradient(fast_backend, kind, tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 7)).astype(np.float32)
+    z = rng.random((5, 7)).astype(np.float32)
+    want = fastsce.sigmoid_cross_entropy(x, z, backend=fast_backend)
+    if kind == "matrix":
+        out = np.matrix(np.full(x.shape, np.nan, np.float32))
+    else:
+        out = np.memmap(tmp_path / "g.bin", np.float32, "w+", shape=x.shape)
+    got = fastsce.sigmoid_cross_entropy(x, z, backend=fast_backend, out=out)
+    assert got.loss == want.loss
+    np.testing.assert_array_equal(np.asarray(out), want.grad)
