@@ -462,7 +462,7 @@ def _canonical(call):
     zero-stride views) and the softmax's class-shaped operands with the class
     axis last: the form `_groups` views take."""
     def pix(a):
-        return None if a is None else _broadcast(a, call.shape)
+        return None if a is None else _layout.broadcast_view(a, call.shape)
 
     if isinstance(call, SoftmaxCall):
         ndim = call.x.ndim
@@ -471,14 +471,10 @@ def _canonical(call):
         def last(a):
             return None if a is None else a.transpose(last_axis)
 
-        z = pix(call.z) if call.hard else last(_broadcast(call.z, call.x.shape))
+        z = pix(call.z) if call.hard else last(_layout.broadcast_view(call.z, call.x.shape))
         return _with(call, x=last(call.x), z=z, w=pix(call.w), m=pix(call.m),
                      grad=last(call.grad), axis=ndim - 1)
     return _with(call, z=pix(call.z), w=pix(call.w), m=pix(call.m), pw=pix(call.pw))
-
-
-def _broadcast(a, shape):
-    return a if a.shape == shape else np.broadcast_to(a, shape)
 
 
 def _with(call, **fields):

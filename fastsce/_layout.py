@@ -179,7 +179,7 @@ def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None
             a = copy if copy.shape == a.shape else np.broadcast_to(copy, a.shape)
         full = class_axis is not None and a.ndim == len(full_shape) and a.shape != shape
         target = tuple(full_shape) if full else shape
-        whole = np.broadcast_to(a, target) if a.shape != target else a
+        whole = broadcast_view(a, target)
         strides = _element_strides(whole)
         pixel = strides[:class_axis] + strides[class_axis + 1:] if full else strides
         if full:
@@ -213,6 +213,11 @@ def make_plan(shape, operands, group_size=None, class_axis=None, full_shape=None
         offsets=ints[ndim:ndim + k], class_strides=ints[ndim + k:ndim + 2 * k],
         strides=ints[ndim + 2 * k:].reshape(k, ndim),
     )
+
+
+def broadcast_view(a, shape):
+    """`a` itself if of `shape`, else its zero-stride broadcast view."""
+    return a if a.shape == shape else np.broadcast_to(a, shape)
 
 
 def compact(a):

@@ -78,11 +78,10 @@ def launch(kernel, threads):
         if layer() == "omp":
             mark_openmp_used()
         wanted = min(threads, numba.config.NUMBA_NUM_THREADS)
-        if wanted == saved:  # (each set costs a small call 1-2%)
-            yield kernel
-            return
-        numba.set_num_threads(wanted)
+        if wanted != saved:  # (each set costs a small call 1-2%)
+            numba.set_num_threads(wanted)
         try:
             yield kernel
         finally:
-            numba.set_num_threads(saved)
+            if wanted != saved:
+                numba.set_num_threads(saved)
