@@ -14,7 +14,9 @@
  *  - Blocks: each reduction group is cut into FASTSCE_BLOCK-element blocks,
  *    one float64 partial per block, combined by the caller in a fixed order:
  *    results do not depend on the thread count. Threads take whole blocks
- *    (`schedule(static)`); no float reduction clause, no atomics. The rows
+ *    (`schedule(static)`), or share pieces of them when there are fewer
+ *    blocks than threads (walk.h: parallel_blocks); no float reduction
+ *    clause, no atomics. The rows
  *    write their element losses to one block-wide buffer, summed once when
  *    the block is done (block_sum): a block's partial does not depend on
  *    where its rows break (a strided view and a contiguous copy of it sum
@@ -313,16 +315,16 @@ typedef struct {
 } walk;
 
 /* Per-thread scratch: a row buffer per slot, plus neutral buffers (ones), and
- * the block's element losses. */
-typedef struct { char *buf[FASTSCE_NSLOTS]; double *losses; } walk_scratch;
+ * the block's element losses (which parallel_blocks hands out). */
+typedef struct { char *buf[FASTSCE_NSLOTS]; } walk_scratch;
 
-static void *scratch_alloc(const void *ctx)
+static void *scratch_alloc(const void *ctx, double **losses)
 {
     const walk *k = ctx;
     const size_t per = (size_t)FASTSCE_BLOCK * 8;
     walk_scratch *sc = fastsce_scratch_get(sizeof *sc + per * (FASTSCE_NSLOTS + 1));
     if (!sc) return NULL;
-    sc->losses = (double *)((char *)(sc + 1) + per * FASTSCE_NSLOTS);
+    *losses = (double *)((char *)(sc + 1) + per * FASTSCE_NSLOTS);
     for (int s = 0; s < FASTSCE_NSLOTS; s++) {
         sc->buf[s] = (char *)(sc + 1) + per * s;
         if (k->neutral[s]) {
@@ -336,19 +338,17 @@ static void *scratch_alloc(const void *ctx)
     return sc;
 }
 
-static void run_block(const void *ctx, int64_t b, void *scratch)
+static range_sums run_range(const void *ctx, int64_t grp, int64_t lo, int64_t hi,
+                            double *losses, void *scratch)
 {
     const walk *k = ctx;
     char **buf = ((walk_scratch *)scratch)->buf;
-    double *losses = ((walk_scratch *)scratch)->losses;
     const int nd = k->ndim;
     const int64_t inner = k->shape[nd - 1];
-    int64_t start, stop;
-    const int64_t grp = block_range(b, k->group_size, &start, &stop);
     int64_t count = 0, bad = 0, first = -1;
-    for (int64_t i = start; i < stop;) {
+    for (int64_t i = lo; i < hi;) {
         int64_t row = i / inner, col = i - row * inner;
-        int64_t n = inner - col < stop - i ? inner - col : stop - i;
+        int64_t n = inner - col < hi - i ? inner - col : hi - i;
         const void *ptr[FASTSCE_NSLOTS];
         int64_t off[FASTSCE_NSLOTS];
         row_offsets(nd, k->shape, k->strides, FASTSCE_NSLOTS, row, col, off);
@@ -368,7 +368,7 @@ static void run_block(const void *ctx, int64_t b, void *scratch)
             }
         }
         seg_args a = {ptr[SX], ptr[ST], ptr[SW], ptr[SPW], (const uint8_t *)ptr[SM], NULL,
-                      (void *)ptr[SG], (void *)ptr[SL], losses + (i - start), n, k->p,
+                      (void *)ptr[SG], (void *)ptr[SL], losses + (i - lo), n, k->p,
                       k->gscale ? k->gscale[grp] : 0.0};
         seg_sums r = k->segment(&a);
         for (int s = SG; s <= SL; s++) {
@@ -385,16 +385,15 @@ static void run_block(const void *ctx, int64_t b, void *scratch)
         count += r.count;
         i += n;
     }
-    if (k->part_loss) k->part_loss[b] = block_sum(losses, stop - start);
-    k->part_count[b] = count;
-    k->part_bad[b] = bad;
-    k->part_first[b] = first;
+    range_sums r = {count, bad, first};
+    return r;
 }
 
 static int run_walk(const walk *k, int num_threads)
 {
-    return parallel_blocks(walk_blocks(k->ndim, k->shape, k->group_size), num_threads, k,
-                           scratch_alloc, run_block);
+    const block_parts out = {k->part_loss, k->part_count, k->part_bad, k->part_first};
+    return parallel_blocks(walk_blocks(k->ndim, k->shape, k->group_size), k->group_size,
+                           num_threads, k, scratch_alloc, run_range, &out);
 }
 
 /* ------------------------------------------------------------ entry points */

@@ -29,7 +29,8 @@
  *    memory once and each gradient element written once.
  *  - Blocks of FASTSCE_BLOCK pixels; a block keeps its pixel losses in a
  *    buffer summed by one fixed loop, so the total depends neither on the
- *    layout's tiling nor on the thread count.
+ *    layout's tiling nor on the thread count (nor on the pieces threads
+ *    share a block in when there are fewer blocks than threads: walk.h).
  *  - Specialization: from_logits and divergence are compile-time (the inner
  *    loops change); gradient, loss map, weights and mask are tested per tile
  *    or per pixel, outside the per-class loops.
@@ -516,10 +517,10 @@ typedef struct {
     int64_t *part_count, *part_bad, *part_first;
 } softmax_walk;
 
-/* Per-thread scratch, carved from one allocation after this header. */
+/* Per-thread scratch, carved from one allocation after this header (with
+ * the block's loss buffer, which parallel_blocks hands out). */
 typedef struct {
     char *xs, *zs, *gs, *stage, *e, *mx, *nbad, *row[FASTSCE_NSLOTS];
-    double *lbuf;
     uint8_t *valid;
 } softmax_scratch;
 
@@ -537,7 +538,7 @@ static int gathered(const softmax_walk *k, int s)
            || (k->cstrides[s] * k->item[s]) % 4096 == 0;
 }
 
-static void *softmax_scratch_alloc(const void *ctx)
+static void *softmax_scratch_alloc(const void *ctx, double **losses)
 {
     const softmax_walk *k = ctx;
     /* [C][tile] buffers only for the class-shaped operands that need them */
@@ -562,7 +563,7 @@ static void *softmax_scratch_alloc(const void *ctx)
     sc->mx = c; c += t;
     sc->nbad = c; c += t;
     for (int s = 0; s < FASTSCE_NSLOTS; s++) { sc->row[s] = c; c += t; }
-    sc->lbuf = (double *)c; c += (size_t)FASTSCE_BLOCK * 8;
+    *losses = (double *)c; c += (size_t)FASTSCE_BLOCK * 8;
     sc->valid = (uint8_t *)c;
     return sc;
 }
@@ -606,33 +607,32 @@ static int64_t tile_pixels(int64_t inner, int64_t col, int64_t left, int64_t tsz
     return n < tsz ? n : tsz;
 }
 
-static void softmax_block(const void *ctx, int64_t b, void *scratch)
+static range_sums softmax_range(const void *ctx, int64_t grp, int64_t lo, int64_t hi,
+                                double *losses, void *scratch)
 {
     const softmax_walk *k = ctx;
     softmax_scratch *sc = scratch;
     const int nd = k->ndim;
     const int64_t inner = k->shape[nd - 1], C = k->C, tsz = k->tsz, bs = BUF_STRIDE(tsz);
     const int64_t *st = k->strides, *cst = k->cstrides;
-    int64_t start, stop;
-    const int64_t grp = block_range(b, k->group_size, &start, &stop);
     int64_t count = 0, bad = 0, first = -1;
 #define PSTRIDE(s) st[(s) * nd + nd - 1]
-    for (int64_t i = start; i < stop;) {
+    for (int64_t i = lo; i < hi;) {
         int64_t row = i / inner, col = i - row * inner;
-        const int64_t n = tile_pixels(inner, col, stop - i, tsz);
+        const int64_t n = tile_pixels(inner, col, hi - i, tsz);
         int64_t off[FASTSCE_NSLOTS];
         row_offsets(nd, k->shape, st, FASTSCE_NSLOTS, row, col, off);
         tile_args a;
         memset(&a, 0, sizeof a);
         a.n = n; a.C = C; a.p = k->p; a.cw = k->cw;
         a.gs = k->gscale[grp];
-        a.e = sc->e; a.mx = sc->mx; a.nbad = sc->nbad; a.valid = sc->valid; a.lbuf = sc->lbuf + (i - start);
+        a.e = sc->e; a.mx = sc->mx; a.nbad = sc->nbad; a.valid = sc->valid; a.lbuf = losses + (i - lo);
         /* the gathers prefetch ahead: x, then z, then the next tile's x */
         row_set next_x = {NULL, 0, 0, 0};
-        if (i + n < stop) {
+        if (i + n < hi) {
             int64_t off2[FASTSCE_NSLOTS], row2 = (i + n) / inner, col2 = i + n - row2 * inner;
             row_offsets(nd, k->shape, st, FASTSCE_NSLOTS, row2, col2, off2);
-            next_x = gather_rows(k, SX, off2[SX], tile_pixels(inner, col2, stop - i - n, tsz));
+            next_x = gather_rows(k, SX, off2[SX], tile_pixels(inner, col2, hi - i - n, tsz));
         }
         row_set after_x = gather_rows(k, ST, off[ST], n);
         a.x = class_input(k, SX, off[SX], n, sc->xs, &a.xcs, after_x.base ? after_x : next_x);
@@ -667,16 +667,15 @@ static void softmax_block(const void *ctx, int64_t b, void *scratch)
     }
 #undef PSTRIDE
     if (k->stream_g) store_fence();
-    k->part_loss[b] = block_sum(sc->lbuf, stop - start);
-    k->part_count[b] = count;
-    k->part_bad[b] = bad;
-    k->part_first[b] = first;
+    range_sums r = {count, bad, first};
+    return r;
 }
 
 static int softmax_run(const softmax_walk *k, int num_threads)
 {
-    return parallel_blocks(walk_blocks(k->ndim, k->shape, k->group_size), num_threads, k,
-                           softmax_scratch_alloc, softmax_block);
+    const block_parts out = {k->part_loss, k->part_count, k->part_bad, k->part_first};
+    return parallel_blocks(walk_blocks(k->ndim, k->shape, k->group_size), k->group_size,
+                           num_threads, k, softmax_scratch_alloc, softmax_range, &out);
 }
 
 #define DEFINE_SOFTMAX(XN, X, TN, T)                                                   \

@@ -8,6 +8,9 @@
 #include <string.h>
 #include "fastsce.h"
 #include "scratch.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -118,38 +121,150 @@ static inline int64_t block_range(int64_t b, int64_t group_size, int64_t *start,
     return grp;
 }
 
-/* Run block(ctx, b, scratch) for every block, threads taking whole blocks in a
- * static schedule; each thread gets its own scratch from alloc(ctx) (by
+/* A block's results, or a piece's: valid count, bad targets, first bad
+ * flat index (-1 if none). */
+typedef struct { int64_t count, bad, first; } range_sums;
+
+/* Flat elements [lo, hi) of a block of group grp, writing their losses from
+ * `losses` on: a kernel's walk is one of these per block, or per piece of a
+ * block. */
+typedef range_sums (*range_fn)(const void *ctx, int64_t grp, int64_t lo, int64_t hi,
+                               double *losses, void *scratch);
+
+/* A thread's scratch for ctx, with its FASTSCE_BLOCK-double loss buffer in
+ * *losses; NULL if out of memory. */
+typedef void *(*alloc_fn)(const void *ctx, double **losses);
+
+/* Where the blocks' partials go (loss NULL: the walk sums no losses). */
+typedef struct { double *loss; int64_t *count, *bad, *first; } block_parts;
+
+static inline void put_block(const block_parts *out, int64_t b, const double *losses,
+                             int64_t n, range_sums r)
+{
+    if (out->loss) out->loss[b] = block_sum(losses, n);
+    out->count[b] = r.count;
+    out->bad[b] = r.bad;
+    out->first[b] = r.first;
+}
+
+/* Block b whole, in the thread's own loss buffer. */
+static inline void whole_block(int64_t b, int64_t group_size, const void *ctx, range_fn range,
+                               double *losses, void *scratch, const block_parts *out)
+{
+    int64_t start, stop;
+    const int64_t grp = block_range(b, group_size, &start, &stop);
+    put_block(out, b, losses, stop - start, range(ctx, grp, start, stop, losses, scratch));
+}
+
+/* Piece j of `pieces` of [start, stop): cut at multiples of 64 elements from
+ * the block's start (no two threads write one cache line of an output). */
+static inline int64_t piece_edge(int64_t start, int64_t stop, int64_t j, int64_t pieces)
+{
+    int64_t e = (stop - start) * j / pieces / 64 * 64;
+    return j == pieces ? stop : start + e;
+}
+
+/* Run every block, each thread with its own scratch from alloc(ctx) (by
  * fastsce_scratch_get, handed back by fastsce_scratch_put). No float
- * reduction crosses threads: every block writes its own partials. Returns
- * FASTSCE_ENOMEM if a thread's scratch could not be had. One thread never
- * enters the OpenMP runtime: GNU libgomp hangs in a child forked after its
- * pool started, and such a child calls with one thread (fastsce/_threads.py). */
-static inline int parallel_blocks(int64_t n_blocks, int num_threads, const void *ctx,
-                                  void *(*alloc)(const void *),
-                                  void (*block)(const void *, int64_t, void *))
+ * reduction crosses threads, so results are bitwise the same for any thread
+ * count:
+ *  - blocks at least as many as the threads: threads take whole blocks in a
+ *    static schedule; each block sums its own loss buffer;
+ *  - fewer (a small map, or few groups): each block is cut into pieces that
+ *    threads share; the pieces write their losses into one buffer per block
+ *    (thread b's for block b), and each block is summed once they are all
+ *    done: the same values, in the same order, by the same loop.
+ * Returns FASTSCE_ENOMEM if a thread's scratch could not be had. One thread
+ * never enters the OpenMP runtime: GNU libgomp hangs in a child forked after
+ * its pool started, and such a child calls with one thread
+ * (fastsce/_threads.py). */
+static inline int parallel_blocks(int64_t n_blocks, int64_t group_size, int num_threads,
+                                  const void *ctx, alloc_fn alloc, range_fn range,
+                                  const block_parts *out)
 {
     int failed = 0;
     if (num_threads <= 1) {
-        void *scratch = alloc(ctx);
+        double *losses;
+        void *scratch = alloc(ctx, &losses);
         if (!scratch) return FASTSCE_ENOMEM;
-        for (int64_t b = 0; b < n_blocks; b++) block(ctx, b, scratch);
+        for (int64_t b = 0; b < n_blocks; b++)
+            whole_block(b, group_size, ctx, range, losses, scratch, out);
         fastsce_scratch_put(scratch);
         return 0;
     }
+    /* for pieces: each thread's loss buffer, and each piece's sums */
+    double **bufs = NULL;
+    range_sums *sums = NULL;
+    if (n_blocks < num_threads) {
+        bufs = malloc((size_t)num_threads * sizeof *bufs);
+        sums = malloc((size_t)(2 * num_threads) * sizeof *sums);
+    }
 #ifdef _OPENMP
-#pragma omp parallel num_threads(num_threads) reduction(|:failed)
+#pragma omp parallel num_threads(num_threads)
 #endif
     {
-        void *scratch = alloc(ctx);
-        if (!scratch) failed = 1;
+        double *losses = NULL;
+        void *scratch = alloc(ctx, &losses);
+#ifdef _OPENMP
+        const int team = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+        const int team = 1, me = 0;
+#endif
+        /* the team may be smaller than asked; pieces need a buffer per block */
+        const int64_t pieces = bufs && sums && 0 < n_blocks && n_blocks < team
+                               ? (team + n_blocks - 1) / n_blocks : 1;
+        if (!scratch) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            failed = 1;
+        }
+        int ok = 1;
+        if (pieces > 1) {
+            bufs[me] = losses;
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+            ok = !failed;       /* every write of it is before the barrier */
+        }
+        if (pieces == 1) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t b = 0; b < n_blocks; b++)
-            if (scratch) block(ctx, b, scratch);
+            for (int64_t b = 0; b < n_blocks; b++)
+                if (scratch) whole_block(b, group_size, ctx, range, losses, scratch, out);
+        } else if (ok) {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int64_t u = 0; u < n_blocks * pieces; u++) {
+                const int64_t b = u / pieces, j = u % pieces;
+                int64_t start, stop;
+                const int64_t grp = block_range(b, group_size, &start, &stop);
+                const int64_t lo = piece_edge(start, stop, j, pieces);
+                const int64_t hi = piece_edge(start, stop, j + 1, pieces);
+                sums[u] = range(ctx, grp, lo, hi, bufs[b] + (lo - start), scratch);
+            }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int64_t b = 0; b < n_blocks; b++) {
+                int64_t start, stop;
+                block_range(b, group_size, &start, &stop);
+                range_sums r = {0, 0, -1};
+                for (int64_t j = 0; j < pieces; j++) {
+                    const range_sums q = sums[b * pieces + j];
+                    if (r.first < 0) r.first = q.first;
+                    r.count += q.count;
+                    r.bad += q.bad;
+                }
+                put_block(out, b, bufs[b], stop - start, r);
+            }
+        }
         fastsce_scratch_put(scratch);
     }
+    free(bufs);
+    free(sums);
     return failed ? FASTSCE_ENOMEM : 0;
 }
 

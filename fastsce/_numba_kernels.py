@@ -14,10 +14,11 @@ Design
   stride, converting (`_numba_convert`).
 * Blocks: each reduction group is cut into blocks of BLOCK elements; one
   float64 partial per block, combined by the caller in a fixed order, so the
-  result does not depend on the thread count. Threads take whole blocks. The
+  result does not depend on the thread count. Threads take whole blocks, or
+  pieces of them when there are fewer blocks than threads (`block_pieces`). The
   rows write their element losses to one block-wide buffer, summed once when
-  the block is done: a block's partial does not depend on where its rows
-  break (a strided view and a contiguous copy of it sum alike).
+  the block is done: a block's partial does not depend on where its rows or
+  pieces break (a strided view and a contiguous copy of it sum alike).
 * Specialization: absent operands are passed as None and pruned at compile
   time; `from_logits` and `divergence` are baked into a kernel by `_kernel`.
   Kernels are cached on disk (cache=True), so a second process does not
@@ -293,6 +294,24 @@ def _valid(m, t, i, ignore):
 # float16 bits are never a slice of the kernel's type).
 
 
+def block_pieces(n_blocks, threads):
+    """How many pieces each block is cut into (as walk.h's parallel_blocks):
+    1, unless there are fewer blocks than threads (a small map, few groups)."""
+    return -(-threads // n_blocks) if 0 < n_blocks < threads else 1
+
+
+@jit(**_OPTS)
+def piece_range(b, group_size, pieces, j):
+    """Group and flat range [lo, hi) of piece j of block b, and the block's
+    start: cut at multiples of 64 elements from its start (as walk.h's
+    piece_edge), so no two threads write one cache line of an output."""
+    grp, start, stop = block_range(b, group_size)
+    n = stop - start
+    lo = start + n * j // pieces // 64 * 64
+    hi = stop if j + 1 == pieces else start + n * (j + 1) // pieces // 64 * 64
+    return grp, lo, hi, start
+
+
 def _by_type(present, absent, half=None):
     """A function whose jitted form is `present` for arrays, `absent` for None
     and `half` (if given) for float16 bits."""
@@ -375,6 +394,46 @@ _rest = _by_type(_rest_present, _absent)
 _block_sum = _by_type(_sum_present, _no_sum)
 
 
+@jit(**_OPTS)
+def piece_sums(pieces, part_count, part_bad, part_first):
+    """Where the pieces' counts, bad counts and first bad indices go: the
+    blocks' own partials if whole."""
+    if pieces == 1:
+        return part_count, part_bad, part_first
+    n = part_count.size * pieces
+    return np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+
+
+@jit(**_OPTS)
+def put_piece(sums, u, count, bad, first):
+    """Piece u's sums, where piece_sums keeps them."""
+    sums[0][u] = count
+    sums[1][u] = bad
+    sums[2][u] = first
+
+
+@jit(**_OPTS)
+def fold_pieces(shared, pieces, group_size, sums, part_loss, part_count, part_bad, part_first):
+    """Each block's partials from its pieces' once they are all done (nothing
+    if whole): its losses summed whole, as a block a thread took whole is."""
+    if pieces == 1:
+        return
+    for b in range(part_loss.size):
+        _, start, stop = block_range(b, group_size)
+        part_loss[b] = _block_sum(_rest(shared, b * BLOCK), stop - start)
+        count = 0
+        bad = 0
+        first = -1
+        for u in range(b * pieces, (b + 1) * pieces):
+            count += sums[0][u]
+            bad += sums[1][u]
+            if first < 0:
+                first = sums[2][u]
+        part_count[b] = count
+        part_bad[b] = bad
+        part_first[b] = first
+
+
 @functools.lru_cache(maxsize=None)
 def _driver(segment, ftype):
     """The parallel blocked walk over a strided iteration, around `segment`
@@ -382,8 +441,8 @@ def _driver(segment, ftype):
     F = ftype
 
     @jit(f"{segment._uuid}-{ftype.__name__}", parallel=True, cache=True, **_OPTS)
-    def run(shape, group_size, x, t, w, m, pw, g, l, offsets, strides, codes, scale, eps,
-            ignore, gscale, part_loss, part_count, part_bad, part_first):
+    def run(shape, group_size, pieces, x, t, w, m, pw, g, l, offsets, strides, codes, scale,
+            eps, ignore, gscale, part_loss, part_count, part_bad, part_first):
         ndim = shape.size
         inner = shape[ndim - 1]
         # Scratch is needed only for operands whose rows are not contiguous
@@ -392,8 +451,15 @@ def _driver(segment, ftype):
         for s in range(strides.shape[0]):
             gather = gather or strides[s, ndim - 1] != 1 or codes[s] != 0
         size = BLOCK if gather else 0
-        for b in prange(part_loss.size):
-            grp, start, stop = block_range(b, group_size)
+        # pieces of a block write their losses to its share of one buffer,
+        # and their sums to their own
+        nb = part_loss.size
+        split = pieces > 1
+        shared = _scratch(x, nb * BLOCK if split else 0, F)
+        sums = piece_sums(pieces, part_count, part_bad, part_first)
+        for u in prange(nb * pieces):
+            b = u // pieces
+            grp, lo, hi, start = piece_range(b, group_size, pieces, u - b * pieces)
             gs = gscale[grp]
             tb = _scratch(t, size, np.float32)     # float16 targets are read as float32
             xb = _scratch(x, size, F)
@@ -402,14 +468,14 @@ def _driver(segment, ftype):
             pb = _scratch(pw, size, F)
             gb = _scratch(g, size, F)
             lb = _scratch(l, size, F)
-            losses = _scratch(x, BLOCK, F)
+            losses = _rest(shared, b * BLOCK + lo - start) if split else _scratch(x, BLOCK, F)
             count = 0
             bad = 0
             first = -1
-            i = start
-            while i < stop:
+            i = lo
+            while i < hi:
                 off, col = row_offsets(shape, offsets, strides, i)
-                n = min(inner - col, stop - i)
+                n = min(inner - col, hi - i)
                 tv = _view(t, off[1], strides[1, ndim - 1], n, tb, codes[1])
                 xv = _view(x, off[0], strides[0, ndim - 1], n, xb, codes[0])
                 wv = _view(w, off[2], strides[2, ndim - 1], n, wb, codes[2])
@@ -418,7 +484,7 @@ def _driver(segment, ftype):
                 gv = _out(g, off[5], strides[5, ndim - 1], n, gb)
                 lv = _out(l, off[6], strides[6, ndim - 1], n, lb)
                 s_count, s_bad = segment(xv, tv, wv, mv, pv, gv, lv, n, scale, eps, ignore,
-                                         gs, _rest(losses, i - start))
+                                         gs, _rest(losses, i - lo))
                 _scatter(g, off[5], strides[5, ndim - 1], n, gb)
                 _scatter(l, off[6], strides[6, ndim - 1], n, lb)
                 if s_bad:
@@ -428,10 +494,10 @@ def _driver(segment, ftype):
                         first = i + r_first
                 count += s_count
                 i += n
-            part_loss[b] = _block_sum(losses, stop - start)
-            part_count[b] = count
-            part_bad[b] = bad
-            part_first[b] = first
+            if not split:
+                part_loss[b] = _block_sum(losses, hi - lo)
+            put_piece(sums, u, count, bad, first)
+        fold_pieces(shared, pieces, group_size, sums, part_loss, part_count, part_bad, part_first)
 
     return run
 
@@ -448,8 +514,8 @@ def _launch(run, call, x, g, l):
         f = plan.flats
         ignore = None if call.ignore_value is None else call.z.dtype.type(call.ignore_value)
         with launch(run, call.threads) as kernel:
-            kernel(plan.shape, plan.group_size, f["x"], f["z"], f["w"],
-                   None if f["m"] is None else f["m"], f["pw"], f["g"], f["l"],
+            kernel(plan.shape, plan.group_size, block_pieces(nb, call.threads), f["x"], f["z"],
+                   f["w"], None if f["m"] is None else f["m"], f["pw"], f["g"], f["l"],
                    plan.offsets, plan.strides, plan.codes, float(call.scale),
                    float(call.label_smoothing), ignore,
                    np.ones(plan.n_groups) if call.gscale is None else call.gscale,
@@ -498,7 +564,8 @@ def softmax(call):
         run = softmax_driver(call.from_logits, call.divergence, call.hard,
                              kernel_dtype(call.x.dtype).type)
         with launch(run, call.threads) as kernel:
-            kernel(plan.shape, plan.group_size, C, softmax_tile(C), f["x"], f["z"], f["w"],
+            kernel(plan.shape, plan.group_size, block_pieces(nb, call.threads), C, softmax_tile(C),
+                   f["x"], f["z"], f["w"],
                    f["m"], f["g"], f["l"], plan.offsets, plan.strides, plan.codes,
                    plan.class_strides, call.cw, float(call.scale), float(call.label_smoothing),
                    call.ignore_value, stream_gradient(call.grad), call.gscale, *parts)

@@ -27,7 +27,8 @@ Design
   memory once and each gradient element written once.
 * Blocks of BLOCK pixels; each block keeps its pixel losses in a buffer and
   sums it in one fixed loop, so the total does not depend on how rows were
-  cut into tiles (layout) or on the thread count.
+  cut into tiles (layout) or on the thread count (threads share a block in
+  pieces when there are fewer blocks than threads).
 """
 import functools
 
@@ -36,11 +37,11 @@ from numba import prange
 
 from . import _numba_math as M
 from ._numba_math import copy_elements, jit, prefetch, store_fence, stream_elements
-from ._layout import BUF_PAD
+from ._layout import BLOCK, BUF_PAD
 from ._numba_convert import convert
 from ._numba_kernels import (_EXACT, _EXP_CLASS, _MATH, _OPTS, _absent, _by_type, _out,
-                              _scatter, _scratch, _sum64, _view, block_range, range_key,
-                              range_top, row_offsets)
+                              _rest, _scatter, _scratch, _sum64, _view, fold_pieces, piece_range,
+                              piece_sums, put_piece, range_key, range_top, row_offsets)
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
 #: Pixels per chunk. The C twin uses 16 and keeps the per-pixel sums in
@@ -428,8 +429,9 @@ def _driver(from_logits, divergence, hard, ftype):
     F = ftype
 
     @jit(tile._uuid, parallel=True, cache=True, **_OPTS)
-    def run(shape, group_size, C, tsz, x, z, w, m, g, l, offsets, strides, codes, cstrides, cw,
-            scale, eps, ignore, stream, gscale, part_loss, part_count, part_bad, part_first):
+    def run(shape, group_size, pieces, C, tsz, x, z, w, m, g, l, offsets, strides, codes,
+            cstrides, cw, scale, eps, ignore, stream, gscale, part_loss, part_count, part_bad,
+            part_first):
         ndim = shape.size
         inner = shape[ndim - 1]
         bs = tsz + BUF_PAD
@@ -445,8 +447,15 @@ def _driver(from_logits, divergence, hard, ftype):
                                                  cstrides[5] * g.itemsize)
         # and copied out by non-temporal stores when bigger than the caches
         g_stream = g_buffered and stream
-        for b in prange(part_loss.size):
-            grp, start, stop = block_range(b, group_size)
+        # pieces of a block (fewer blocks than threads) write their pixel
+        # losses to its share of one buffer, and their sums to their own
+        nb = part_loss.size
+        split = pieces > 1
+        shared = np.empty(nb * BLOCK if split else 0)
+        sums = piece_sums(pieces, part_count, part_bad, part_first)
+        for u in prange(nb * pieces):
+            b = u // pieces
+            grp, lo, hi, start = piece_range(b, group_size, pieces, u - b * pieces)
             xs = _scratch(x, C * bs if x_gathered else 0, F)
             zs = _scratch(z, C * bs if z_gathered else 0, np.float32)  # float16: as float32
             zp = _scratch(z, tsz if hard else 0, np.float32)
@@ -456,7 +465,7 @@ def _driver(from_logits, divergence, hard, ftype):
             lb = _scratch(l, tsz, F)
             stage = np.empty(STRIDED_PIXELS * C if g_stream else 0, F)
             valid = np.empty(tsz, np.bool_)
-            lbuf = np.empty(stop - start)
+            lbuf = _rest(shared, b * BLOCK + lo - start) if split else np.empty(hi - lo)
             # the tile's working set: per tile, per chunk of classes, per chunk
             sc = (np.empty(tsz, F), np.empty(tsz, F),
                   np.empty(C * CHUNK, F), np.empty(C * CHUNK, F),
@@ -467,16 +476,16 @@ def _driver(from_logits, divergence, hard, ftype):
             count = 0
             bad = 0
             first = -1
-            i = start
-            while i < stop:
+            i = lo
+            while i < hi:
                 off, col = row_offsets(shape, offsets, strides, i)
-                n = min(inner - col, stop - i, tsz)     # tiles never cross a row
+                n = min(inner - col, hi - i, tsz)     # tiles never cross a row
                 # class-shaped inputs: in place, or gathered (see _gathered)
                 nxo, nxl = -1, 0               # the next tile's x rows: offset, lines
-                if x_rows and i + n < stop:
+                if x_rows and i + n < hi:
                     off2, col2 = row_offsets(shape, offsets, strides, i + n)
                     nxo = off2[0]
-                    nxl = min(inner - col2, stop - i - n, tsz) * x.itemsize // 64  # its n
+                    nxl = min(inner - col2, hi - i - n, tsz) * x.itemsize // 64  # its n
                 if z_rows:
                     xa, xo, xcs = _tile_view(x, off[0], strides[0, ndim - 1], cstrides[0], n, C,
                                              xs, bs, codes[0], x_gathered, z, off[1], cstrides[1],
@@ -499,7 +508,7 @@ def _driver(from_logits, divergence, hard, ftype):
                 lv = _out(l, off[6], strides[6, ndim - 1], n, lb)
                 c, bd = tile(xa, xo, xcs, za, zo, zcs, wv, mv, ga, go, gcs, lv, n, C, cw,
                              scale, eps, ignore, gscale[grp], sc, valid,
-                             lbuf[i - start:i - start + n])
+                             lbuf[i - lo:i - lo + n])
                 if g_buffered:
                     _scatter_classes(g, off[5], strides[5, ndim - 1], cstrides[5], n, C, gb, bs,
                                      g_stream, stage)
@@ -511,9 +520,9 @@ def _driver(from_logits, divergence, hard, ftype):
                 i += n
             if g_stream:
                 store_fence()
-            part_loss[b] = _sum64(lbuf, stop - start)
-            part_count[b] = count
-            part_bad[b] = bad
-            part_first[b] = first
+            if not split:
+                part_loss[b] = _sum64(lbuf, hi - lo)
+            put_piece(sums, u, count, bad, first)
+        fold_pieces(shared, pieces, group_size, sums, part_loss, part_count, part_bad, part_first)
 
     return run
