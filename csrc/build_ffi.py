@@ -94,6 +94,8 @@ ffibuilder.set_source(
     sources=[os.path.relpath(HERE / name)
              for name in ("sigmoid_ce.c", "softmax_ce.c", "scratch.c")],
     include_dirs=[os.path.relpath(HERE)],
+    # the headers too, or an edit of one alone leaves an in-place build stale
+    depends=[os.path.relpath(p) for p in sorted(HERE.glob("*.h"))],
     extra_compile_args=flags + [f'-DFASTSCE_BUILD_FLAGS_STR="{" ".join(flags)}"'],
     extra_link_args=link_omp + sanitize[:1],
 )

@@ -8,9 +8,10 @@
  * frees it when the thread exits; anything bigger, or without pthreads, is
  * malloc'ed and freed per call as before (its faults are a small part of
  * the work it carries). The kernels never nest, so one buffer per thread
- * serves both losses. Numba's twins still take theirs per block from NRT
- * (malloc): no faults in that script, 45 per call when glibc is made to map
- * every block of 64 KiB or more (MALLOC_MMAP_THRESHOLD_=65536).
+ * serves both losses. Numba's twins still take theirs per block (or piece
+ * of one) from NRT (malloc): no faults in that script, 45 per call when
+ * glibc is made to map every block of 64 KiB or more
+ * (MALLOC_MMAP_THRESHOLD_=65536).
  */
 #include <stdlib.h>
 #include "scratch.h"

@@ -16,7 +16,7 @@
  *    results do not depend on the thread count. Threads take whole blocks
  *    (`schedule(static)`), or share pieces of them when there are fewer
  *    blocks than threads (walk.h: parallel_blocks); no float reduction
- *    clause, no atomics. The rows
+ *    clause, no float atomics. The rows
  *    write their element losses to one block-wide buffer, summed once when
  *    the block is done (block_sum): a block's partial does not depend on
  *    where its rows break (a strided view and a contiguous copy of it sum

@@ -63,7 +63,7 @@ typedef struct {
     double gs;
     void *e;                      /* scratch: [2][C][CHUNK] exps and w z       */
     void *mx, *nbad;              /* scratch: [tile] maxima, bad-target counts */
-    double *lbuf;                 /* the block's pixel losses, from this tile  */
+    double *lbuf;                 /* this tile's place in the block's losses   */
     uint8_t *valid;               /* [tile]: pixel counted (for first_bad)     */
 } tile_args;
 

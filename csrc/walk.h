@@ -156,8 +156,9 @@ static inline void whole_block(int64_t b, int64_t group_size, const void *ctx, r
     put_block(out, b, losses, stop - start, range(ctx, grp, start, stop, losses, scratch));
 }
 
-/* Piece j of `pieces` of [start, stop): cut at multiples of 64 elements from
- * the block's start (no two threads write one cache line of an output). */
+/* Edge j of `pieces` in [start, stop): at multiples of 64 elements from the
+ * block's start, so that threads share at most one cache line of an output
+ * per edge (none of an aligned contiguous one). */
 static inline int64_t piece_edge(int64_t start, int64_t stop, int64_t j, int64_t pieces)
 {
     int64_t e = (stop - start) * j / pieces / 64 * 64;
@@ -178,6 +179,17 @@ static inline int64_t piece_edge(int64_t start, int64_t stop, int64_t j, int64_t
  * never enters the OpenMP runtime: GNU libgomp hangs in a child forked after
  * its pool started, and such a child calls with one thread
  * (fastsce/_threads.py). */
+/* Pieces per block when n_blocks < team: team / gcd(team, n_blocks), so that
+ * the pieces (lcm(team, n_blocks) of them) split evenly over the team: 2
+ * blocks on 3 threads in 3 pieces each, 2 per thread, not 2 pieces each of
+ * which thread 0 would take both of block 0's. */
+static inline int64_t block_pieces(int64_t n_blocks, int64_t team)
+{
+    int64_t a = team, b = n_blocks;
+    while (b) { int64_t r = a % b; a = b; b = r; }
+    return team / a;
+}
+
 static inline int parallel_blocks(int64_t n_blocks, int64_t group_size, int num_threads,
                                   const void *ctx, alloc_fn alloc, range_fn range,
                                   const block_parts *out)
@@ -192,12 +204,13 @@ static inline int parallel_blocks(int64_t n_blocks, int64_t group_size, int num_
         fastsce_scratch_put(scratch);
         return 0;
     }
-    /* for pieces: each thread's loss buffer, and each piece's sums */
+    /* for pieces: each thread's loss buffer, and each piece's sums (at most
+     * n_blocks x team pieces; none if these cannot be had: whole blocks) */
     double **bufs = NULL;
     range_sums *sums = NULL;
     if (n_blocks < num_threads) {
         bufs = malloc((size_t)num_threads * sizeof *bufs);
-        sums = malloc((size_t)(2 * num_threads) * sizeof *sums);
+        sums = malloc((size_t)(n_blocks * num_threads) * sizeof *sums);
     }
 #ifdef _OPENMP
 #pragma omp parallel num_threads(num_threads)
@@ -212,7 +225,7 @@ static inline int parallel_blocks(int64_t n_blocks, int64_t group_size, int num_
 #endif
         /* the team may be smaller than asked; pieces need a buffer per block */
         const int64_t pieces = bufs && sums && 0 < n_blocks && n_blocks < team
-                               ? (team + n_blocks - 1) / n_blocks : 1;
+                               ? block_pieces(n_blocks, team) : 1;
         if (!scratch) {
 #ifdef _OPENMP
 #pragma omp atomic write

@@ -29,6 +29,7 @@ Design
 """
 import collections
 import functools
+import math
 
 import numba
 import numpy as np
@@ -295,16 +296,20 @@ def _valid(m, t, i, ignore):
 
 
 def block_pieces(n_blocks, threads):
-    """How many pieces each block is cut into (as walk.h's parallel_blocks):
-    1, unless there are fewer blocks than threads (a small map, few groups)."""
-    return -(-threads // n_blocks) if 0 < n_blocks < threads else 1
+    """How many pieces each block is cut into on `threads` (as many as Numba
+    runs): 1, unless there are fewer blocks than threads (a small map, few
+    groups); then threads / gcd(threads, n_blocks), so that the pieces split
+    evenly over the threads (as walk.h's block_pieces)."""
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    return threads // math.gcd(threads, n_blocks) if 0 < n_blocks < threads else 1
 
 
 @jit(**_OPTS)
 def piece_range(b, group_size, pieces, j):
     """Group and flat range [lo, hi) of piece j of block b, and the block's
-    start: cut at multiples of 64 elements from its start (as walk.h's
-    piece_edge), so no two threads write one cache line of an output."""
+    start: edges at multiples of 64 elements from its start (as walk.h's
+    piece_edge), so threads share at most one cache line of an output per
+    edge (none of an aligned contiguous one)."""
     grp, start, stop = block_range(b, group_size)
     n = stop - start
     lo = start + n * j // pieces // 64 * 64
@@ -450,7 +455,6 @@ def _driver(segment, ftype):
         gather = False
         for s in range(strides.shape[0]):
             gather = gather or strides[s, ndim - 1] != 1 or codes[s] != 0
-        size = BLOCK if gather else 0
         # pieces of a block write their losses to its share of one buffer,
         # and their sums to their own
         nb = part_loss.size
@@ -461,6 +465,7 @@ def _driver(segment, ftype):
             b = u // pieces
             grp, lo, hi, start = piece_range(b, group_size, pieces, u - b * pieces)
             gs = gscale[grp]
+            size = hi - lo if gather else 0        # a row is at most the range
             tb = _scratch(t, size, np.float32)     # float16 targets are read as float32
             xb = _scratch(x, size, F)
             wb = _scratch(w, size, F)
@@ -468,7 +473,7 @@ def _driver(segment, ftype):
             pb = _scratch(pw, size, F)
             gb = _scratch(g, size, F)
             lb = _scratch(l, size, F)
-            losses = _rest(shared, b * BLOCK + lo - start) if split else _scratch(x, BLOCK, F)
+            losses = _rest(shared, b * BLOCK + lo - start) if split else _scratch(x, hi - lo, F)
             count = 0
             bad = 0
             first = -1

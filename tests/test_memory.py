@@ -226,7 +226,7 @@ def test_scratch_kept_across_calls_kernels_and_threads(fast_backend):
     """Calls of other sizes and kernels on the same thread, in both orders, on
     threads that start and exit, and at 2 threads give bitwise the first
     results: in C a thread keeps its scratch between calls (csrc/scratch.c);
-    Numba allocates per block, and must agree all the same."""
+    Numba allocates per block (or piece of one), and must agree all the same."""
     cases = _scratch_cases()
     first = [case(fast_backend) for case in cases]
 

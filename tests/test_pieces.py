@@ -3,12 +3,17 @@
 thread count, the results must be bitwise those of one thread taking every
 block whole: the same losses summed in the same order, the same counts and
 the same first bad target."""
+import os
 import re
+import subprocess
+import sys
 
+import numba
 import numpy as np
 import pytest
 
 import fastsce
+from conftest import require_backend
 from fastsce._layout import BLOCK
 from fastsce._numba_kernels import block_pieces
 
@@ -45,13 +50,18 @@ def per_thread_count(f, x, z, **kw):
     return one
 
 
-def test_block_pieces():
+def test_block_pieces(monkeypatch):
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 64)
     assert block_pieces(0, 8) == 1
     assert block_pieces(1, 1) == 1
     assert block_pieces(1, 2) == 2
-    assert block_pieces(2, 5) == 3
+    assert block_pieces(2, 3) == 3      # 6 pieces, 2 per thread (not 2 and 0)
+    assert block_pieces(2, 4) == 2
+    assert block_pieces(3, 8) == 8
     assert block_pieces(5, 5) == 1
     assert block_pieces(9, 2) == 1
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 1)   # as many as Numba runs
+    assert block_pieces(1, 8) == 1
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -113,19 +123,22 @@ def test_groups_fewer_than_threads(fast_backend):
     np.testing.assert_allclose(one.loss, ref.loss, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("n, bad", [(5000, [2000, 4801, 4999]),
+                                    (BLOCK + 700, [BLOCK + 300, BLOCK + 600])],
+                         ids=["one-block", "second-block"])
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
-def test_first_bad_target_in_a_later_piece(fast_backend, kind):
-    # bad targets only in the last pieces: each thread count names the same
-    # first one, and counts them all
-    n = 5000
+def test_first_bad_target_in_a_later_piece(fast_backend, kind, n, bad):
+    # bad targets in two or more pieces, after the first piece or block: each
+    # thread count names the same first one, and counts them all
     rng = np.random.default_rng(4)
+    values = [1.5, -0.5, np.nan][:len(bad)]
     if kind == "sigmoid":
         x, z = rng.standard_normal(n), rng.random(n)
-        z[[4100, 4801, 4999]] = [1.5, -0.5, np.nan]
+        z[bad] = values
         f = sigmoid
     else:
         x, z = rng.standard_normal((1, 3, n)), np.full((1, 3, n), 1 / 3)
-        z[0, 1, [4100, 4801, 4999]] = [1.5, -0.5, np.nan]
+        z[0, 1, bad] = values
         f = softmax
     messages = set()
     for t in (1,) + THREADS:
@@ -134,4 +147,30 @@ def test_first_bad_target_in_a_later_piece(fast_backend, kind):
         messages.add(str(info.value))
     assert len(messages) == 1, messages
     msg = messages.pop()
-    assert re.search(r"\b4100\b", msg) and re.search(r"\b3\b", msg), msg
+    assert re.search(rf"\b{bad[0]}\b", msg) and f"found {len(bad)} value" in msg, msg
+
+
+SMALLER_TEAM = """
+import numpy as np, fastsce
+rng = np.random.default_rng(5)
+for n in (3000, fastsce.BLOCK + 5):
+    x = rng.standard_normal((1, 4, n)).astype(np.float32)
+    z = rng.random((1, 4, n)).astype(np.float32)
+    z /= z.sum(axis=1, keepdims=True)
+    for f in (fastsce.sigmoid_cross_entropy, fastsce.softmax_cross_entropy):
+        one = f(x, z, backend="c", num_threads=1)
+        many = f(x, z, backend="c", num_threads=8)
+        assert one.loss == many.loss and np.array_equal(one.grad, many.grad), (n, f)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("limit", ["1", "2", "3"])
+def test_openmp_team_smaller_than_asked(limit):
+    # OpenMP may run fewer threads than asked: the C walk cuts pieces for the
+    # team it got (3 threads: 3 pieces of 1 block; 2 on 2 blocks: whole ones)
+    require_backend("c")
+    env = dict(os.environ, OMP_THREAD_LIMIT=limit)
+    done = subprocess.run([sys.executable, "-c", SMALLER_TEAM], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
