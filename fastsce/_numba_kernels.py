@@ -305,16 +305,20 @@ def block_pieces(n_blocks, threads):
 
 
 @jit(**_OPTS)
+def _piece_edge(start, stop, j, pieces):
+    """Edge j of `pieces` in [start, stop) (as walk.h's piece_edge): at
+    multiples of 64 elements from the block's start, so that threads share at
+    most one cache line of an output per edge (none of an aligned contiguous
+    one)."""
+    return stop if j == pieces else start + (stop - start) * j // pieces // 64 * 64
+
+
+@jit(**_OPTS)
 def piece_range(b, group_size, pieces, j):
-    """Group and flat range [lo, hi) of piece j of block b, and the block's
-    start: edges at multiples of 64 elements from its start (as walk.h's
-    piece_edge), so threads share at most one cache line of an output per
-    edge (none of an aligned contiguous one)."""
+    """Group and flat range [lo, hi) of piece j of block b, and the block's start."""
     grp, start, stop = block_range(b, group_size)
-    n = stop - start
-    lo = start + n * j // pieces // 64 * 64
-    hi = stop if j + 1 == pieces else start + n * (j + 1) // pieces // 64 * 64
-    return grp, lo, hi, start
+    return (grp, _piece_edge(start, stop, j, pieces), _piece_edge(start, stop, j + 1, pieces),
+            start)
 
 
 def _by_type(present, absent, half=None):
@@ -569,9 +573,9 @@ def softmax(call):
         run = softmax_driver(call.from_logits, call.divergence, call.hard,
                              kernel_dtype(call.x.dtype).type)
         with launch(run, call.threads) as kernel:
-            kernel(plan.shape, plan.group_size, block_pieces(nb, call.threads), C, softmax_tile(C),
-                   f["x"], f["z"], f["w"],
-                   f["m"], f["g"], f["l"], plan.offsets, plan.strides, plan.codes,
-                   plan.class_strides, call.cw, float(call.scale), float(call.label_smoothing),
-                   call.ignore_value, stream_gradient(call.grad), call.gscale, *parts)
+            kernel(plan.shape, plan.group_size, block_pieces(nb, call.threads), C,
+                   softmax_tile(C), f["x"], f["z"], f["w"], f["m"], f["g"], f["l"], plan.offsets,
+                   plan.strides, plan.codes, plan.class_strides, call.cw, float(call.scale),
+                   float(call.label_smoothing), call.ignore_value, stream_gradient(call.grad),
+                   call.gscale, *parts)
     return from_blocks(*parts, plan.n_groups)
