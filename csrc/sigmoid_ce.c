@@ -17,10 +17,10 @@
  *    (`schedule(static)`), or share pieces of them when there are fewer
  *    blocks than threads (walk.h: parallel_blocks); no float reduction
  *    clause, no float atomics. The rows
- *    write their element losses to one block-wide buffer, summed once when
- *    the block is done (block_sum): a block's partial does not depend on
- *    where its rows break (a strided view and a contiguous copy of it sum
- *    alike).
+ *    write their element losses, in the compute type, to one block-wide
+ *    buffer, summed in float64 once the block is done (walk.h's block sums):
+ *    a block's partial does not depend on where its rows break (a strided
+ *    view and a contiguous copy of it sum alike).
  *  - Specialization: segment loops are instantiated for every combination of
  *    from_logits, divergence, extras (weight/mask/pos_weight present; an
  *    absent one reads a per-thread buffer of neutral values), gradient and
@@ -71,7 +71,7 @@ typedef struct {
     const uint8_t *m;
     const void *mk;               /* the mask as 0/1 in the compute type (loops) */
     void *g, *l;
-    double *losses;               /* the row's place in its block's loss buffer */
+    void *losses;                 /* the row's place in its block's loss buffer */
     int64_t n;
     const fastsce_params *p;
     double gs;
@@ -148,7 +148,7 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
     const T *t = (const T *)s->t;                                                      \
     const X *mk = (const X *)s->mk;                                                    \
     X *g = (X *)s->g, *l = (X *)s->l;                                                  \
-    double *losses = s->losses;                                                        \
+    X *losses = (X *)s->losses;                                                        \
     const fastsce_params *p = s->p;                                                    \
     /* z = tf * zs + shift: the target scaled to [0, 1] and smoothed, one fma */        \
     const X sc = (X)p->scale, zs = (X)((1.0 - p->eps) / p->scale);                     \
@@ -171,7 +171,7 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
         X loss = element_##XN(x[i], tf, sc, zs, shift, extras ? pw[i] : (X)1,          \
                               extras ? w[i] : (X)1, gs, from_logits, divergence, &dl); \
         loss = valid ? loss : (X)0;                                                    \
-        losses[i] = (double)loss;                                                      \
+        losses[i] = loss;                                                              \
         count += valid;                                                                \
         if (want_g) g[i] = valid ? dl : (X)0;                                          \
         if (want_l) l[i] = loss;                                                       \
@@ -209,7 +209,7 @@ ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,  
         seg_args sub = *s;                                                             \
         sub.x = (const X *)s->x + c;                                                   \
         sub.t = t + c;                                                                 \
-        sub.losses = s->losses + c;                                                    \
+        sub.losses = (X *)s->losses + c;                                               \
         sub.n = k;                                                                     \
         if (IS_INT(T)) {                                                               \
             for (int64_t j = 0; j < k; j++) tb[j] = (X)t[c + j];                       \
@@ -318,13 +318,13 @@ typedef struct {
  * the block's element losses (which parallel_blocks hands out). */
 typedef struct { char *buf[FASTSCE_NSLOTS]; } walk_scratch;
 
-static void *scratch_alloc(const void *ctx, double **losses)
+static void *scratch_alloc(const void *ctx, char **losses)
 {
     const walk *k = ctx;
     const size_t per = (size_t)FASTSCE_BLOCK * 8;
     walk_scratch *sc = fastsce_scratch_get(sizeof *sc + per * (FASTSCE_NSLOTS + 1));
     if (!sc) return NULL;
-    *losses = (double *)((char *)(sc + 1) + per * FASTSCE_NSLOTS);
+    *losses = (char *)(sc + 1) + per * FASTSCE_NSLOTS;
     for (int s = 0; s < FASTSCE_NSLOTS; s++) {
         sc->buf[s] = (char *)(sc + 1) + per * s;
         if (k->neutral[s]) {
@@ -339,7 +339,7 @@ static void *scratch_alloc(const void *ctx, double **losses)
 }
 
 static range_sums run_range(const void *ctx, int64_t grp, int64_t lo, int64_t hi,
-                            double *losses, void *scratch)
+                            char *losses, void *scratch)
 {
     const walk *k = ctx;
     char **buf = ((walk_scratch *)scratch)->buf;
@@ -368,8 +368,8 @@ static range_sums run_range(const void *ctx, int64_t grp, int64_t lo, int64_t hi
             }
         }
         seg_args a = {ptr[SX], ptr[ST], ptr[SW], ptr[SPW], (const uint8_t *)ptr[SM], NULL,
-                      (void *)ptr[SG], (void *)ptr[SL], losses + (i - lo), n, k->p,
-                      k->gscale ? k->gscale[grp] : 0.0};
+                      (void *)ptr[SG], (void *)ptr[SL], losses + (i - lo) * k->size[SX], n,
+                      k->p, k->gscale ? k->gscale[grp] : 0.0};
         seg_sums r = k->segment(&a);
         for (int s = SG; s <= SL; s++) {
             int64_t st = k->strides[s * nd + nd - 1], it = k->item[s];
@@ -391,7 +391,9 @@ static range_sums run_range(const void *ctx, int64_t grp, int64_t lo, int64_t hi
 
 static int run_walk(const walk *k, int num_threads)
 {
-    const block_parts out = {k->part_loss, k->part_count, k->part_bad, k->part_first};
+    /* losses in the compute type (none in the count pass, whose size[SX] is 0) */
+    const block_parts out = {k->part_loss, k->part_count, k->part_bad, k->part_first,
+                             (int)k->size[SX]};
     return parallel_blocks(walk_blocks(k->ndim, k->shape, k->group_size), k->group_size,
                            num_threads, k, scratch_alloc, run_range, &out);
 }

@@ -538,7 +538,7 @@ static int gathered(const softmax_walk *k, int s)
            || (k->cstrides[s] * k->item[s]) % 4096 == 0;
 }
 
-static void *softmax_scratch_alloc(const void *ctx, double **losses)
+static void *softmax_scratch_alloc(const void *ctx, char **losses)
 {
     const softmax_walk *k = ctx;
     /* [C][tile] buffers only for the class-shaped operands that need them */
@@ -563,7 +563,7 @@ static void *softmax_scratch_alloc(const void *ctx, double **losses)
     sc->mx = c; c += t;
     sc->nbad = c; c += t;
     for (int s = 0; s < FASTSCE_NSLOTS; s++) { sc->row[s] = c; c += t; }
-    *losses = (double *)c; c += (size_t)FASTSCE_BLOCK * 8;
+    *losses = c; c += (size_t)FASTSCE_BLOCK * 8;
     sc->valid = (uint8_t *)c;
     return sc;
 }
@@ -608,7 +608,7 @@ static int64_t tile_pixels(int64_t inner, int64_t col, int64_t left, int64_t tsz
 }
 
 static range_sums softmax_range(const void *ctx, int64_t grp, int64_t lo, int64_t hi,
-                                double *losses, void *scratch)
+                                char *losses, void *scratch)
 {
     const softmax_walk *k = ctx;
     softmax_scratch *sc = scratch;
@@ -626,7 +626,8 @@ static range_sums softmax_range(const void *ctx, int64_t grp, int64_t lo, int64_
         memset(&a, 0, sizeof a);
         a.n = n; a.C = C; a.p = k->p; a.cw = k->cw;
         a.gs = k->gscale[grp];
-        a.e = sc->e; a.mx = sc->mx; a.nbad = sc->nbad; a.valid = sc->valid; a.lbuf = losses + (i - lo);
+        a.e = sc->e; a.mx = sc->mx; a.nbad = sc->nbad; a.valid = sc->valid;
+        a.lbuf = (double *)losses + (i - lo);
         /* the gathers prefetch ahead: x, then z, then the next tile's x */
         row_set next_x = {NULL, 0, 0, 0};
         if (i + n < hi) {
@@ -673,7 +674,7 @@ static range_sums softmax_range(const void *ctx, int64_t grp, int64_t lo, int64_
 
 static int softmax_run(const softmax_walk *k, int num_threads)
 {
-    const block_parts out = {k->part_loss, k->part_count, k->part_bad, k->part_first};
+    const block_parts out = {k->part_loss, k->part_count, k->part_bad, k->part_first, 8};
     return parallel_blocks(walk_blocks(k->ndim, k->shape, k->group_size), k->group_size,
                            num_threads, k, softmax_scratch_alloc, softmax_range, &out);
 }

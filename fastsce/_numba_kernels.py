@@ -16,9 +16,10 @@ Design
   float64 partial per block, combined by the caller in a fixed order, so the
   result does not depend on the thread count. Threads take whole blocks, or
   pieces of them when there are fewer blocks than threads (`block_pieces`). The
-  rows write their element losses to one block-wide buffer, summed once when
-  the block is done: a block's partial does not depend on where its rows or
-  pieces break (a strided view and a contiguous copy of it sum alike).
+  rows write their element losses, in the compute type (as C), to one
+  block-wide buffer, summed in float64 once the block is done: a block's
+  partial does not depend on where its rows or pieces break (a strided view
+  and a contiguous copy of it sum alike).
 * Specialization: absent operands are passed as None and pruned at compile
   time; `from_logits` and `divergence` are baked into a kernel by `_kernel`.
   Kernels are cached on disk (cache=True), so a second process does not
