@@ -140,12 +140,12 @@ typedef range_sums (*range_fn)(const void *ctx, int64_t grp, int64_t lo, int64_t
  * in *losses; NULL if out of memory. */
 typedef void *(*alloc_fn)(const void *ctx, char **losses);
 
-/* Where the blocks' partials go (loss NULL: the walk sums no losses), and the
- * bytes of one element loss in the buffers: 4 (float) or 8 (double). The
- * binary loss's float32 losses, stored as float64, cost its loop a lane
- * extract, two converts and a second store per vector: stored as they are
- * (as in Numba's twin), W1L in C at 1 thread ran 14% faster, W1 17% (Zen 2,
- * 4 alternating runs, medians). */
+/* Where the blocks' partials go (loss NULL: the walk sums no losses, and
+ * loss_item is not read), and the bytes of one element loss in the buffers:
+ * 4 (float) or 8 (double). The binary loss's float32 losses, stored as
+ * float64, had cost its loop a lane extract, two converts and a second store
+ * per vector: stored as they are (as in Numba's twin), W1L in C at 1 thread
+ * ran 14% faster, W1 17% (Zen 2, medians of 4 and 3 alternating runs). */
 typedef struct { double *loss; int64_t *count, *bad, *first; int loss_item; } block_parts;
 
 static inline void put_block(const block_parts *out, int64_t b, const char *losses,

@@ -71,7 +71,7 @@ def _f64(a):
 
 
 #: Bytes of a binary walk's per-thread scratch: a BLOCK-long row buffer per
-#: slot and the block's float64 element losses.
+#: slot and the block's element losses (compute type, 8 bytes at most).
 WALK_SCRATCH = (len(SLOTS) + 1) * 8 * BLOCK
 
 
