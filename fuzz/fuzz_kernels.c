@@ -371,9 +371,11 @@ static void build(input *in, call *c)
     for (int d = 0; d < c->ndim; d++) {
         /* mostly small; sometimes long rows that cross blocks */
         c->shape[d] = byte(in) < 230 ? pick(in, 0, 7) : pick(in, 8, 40000);
-        c->n *= c->shape[d];
+        /* capped past MAX_ELEMENTS, so that four long dimensions cannot
+         * overflow the product (a later 0 still empties it) */
+        c->n = (c->n > MAX_ELEMENTS ? MAX_ELEMENTS + 1 : c->n) * c->shape[d];
     }
-    if (c->n * c->classes > MAX_ELEMENTS) { c->n = 0; return; }
+    if (c->n > MAX_ELEMENTS / c->classes) { c->n = 0; return; }
     int reduced = (int)pick(in, 0, c->ndim);       /* trailing dimensions per group */
     c->group_size = 1;
     for (int d = c->ndim - reduced; d < c->ndim; d++) c->group_size *= c->shape[d];
