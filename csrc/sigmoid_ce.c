@@ -138,8 +138,23 @@ DEFINE_ELEMENT(f64, double)
 #define IS_INT(T) IS_INT_##T
 #define IS_UNSIGNED(T) ((T)-1 > (T)0)      /* uint8/uint16 codes; (T)-1 their top */
 
-/* The contiguous loop over one row of float targets (integer ones arrive
- * converted to X); flags are compile-time in every caller. */
+/* The contiguous loop over one row: float targets, or integer codes read in
+ * place (with a mask, weights or an ignore_value they arrive converted to X,
+ * DEFINE_SEGMENT); flags are compile-time in every caller.
+ * For codes GCC gets `ivdep`, not `omp simd`: an omp simd loop is lowered
+ * before the target clones are made, for the default target, so its lanes
+ * are capped at SSE's 16 bytes; a loop of 8-bit codes then ran on 128-bit
+ * vectors (W2 0.36 Gelem/s, Zen 2). Under ivdep each clone picks its own
+ * width and finds the integer reductions itself: W2 in C at 1 thread 0.55
+ * (converted in chunks) -> 0.63, float64 logits 0.115 -> 0.185. */
+#define ROW_SIMD_f32 _Pragma("omp simd reduction(+:count) reduction(max:top)")
+#define ROW_SIMD_f64 ROW_SIMD_f32
+#if defined(__GNUC__) && !defined(__clang__)
+#define ROW_SIMD_u8 _Pragma("GCC ivdep")
+#else
+#define ROW_SIMD_u8 ROW_SIMD_f32
+#endif
+#define ROW_SIMD_u16 ROW_SIMD_u8
 #define DEFINE_LOOP(XN, X, TN, T)                                                      \
 ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,             \
         int divergence, int extras, int want_g, int want_l, int has_ignore)            \
@@ -160,7 +175,7 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
     const int64_t n = s->n;                                                            \
     int32_t count = 0;              /* n <= FASTSCE_BLOCK: 32-bit lanes suffice */     \
     RKEY(T) top = 0;                                                                   \
-    _Pragma("omp simd reduction(+:count) reduction(max:top)")                          \
+    ROW_SIMD_##TN                                                                      \
     for (int64_t i = 0; i < n; i++) {                                                  \
         X tf = (X)t[i];                                                                \
         int valid = extras ? mk[i] != (X)0 : 1;                                        \
@@ -184,7 +199,11 @@ DEFINE_LOOP(f32, float, f32, float)
 DEFINE_LOOP(f64, double, f64, double)
 DEFINE_LOOP(f32, float, f64, double)
 DEFINE_LOOP(f64, double, f32, float)
-/* The loop a target type's segment runs: integer codes go through X's own. */
+DEFINE_LOOP(f32, float, u8, uint8_t)
+DEFINE_LOOP(f64, double, u8, uint8_t)
+DEFINE_LOOP(f32, float, u16, uint16_t)
+DEFINE_LOOP(f64, double, u16, uint16_t)
+/* The loop a converted chunk runs: integer codes go through X's own. */
 #define LOOP_f32(XN) loop_##XN##_f32
 #define LOOP_f64(XN) loop_##XN##_f64
 #define LOOP_u8(XN) loop_##XN##_##XN
@@ -192,16 +211,17 @@ DEFINE_LOOP(f64, double, f32, float)
 #define LOOP(XN, TN) LOOP_##TN(XN)
 
 #define DEFINE_SEGMENT(XN, X, TN, T)                                                   \
-/* Integer targets and the mask are converted to the compute type in chunks   */     \
-/* first: GCC's loops mixing 8-bit loads with float arithmetic ran slow (the   */     \
-/* masked one 10x slower than Numba's; uint8 targets read in place, W2 at half */     \
-/* the speed of this, Zen 2).                                                  */     \
+/* Without extras the row's loop runs in place (integer codes too, unless an  */     \
+/* ignore_value: GCC's ivdep loop with that test ran 4x slower than this).    */     \
+/* Otherwise integer targets and the mask are converted to the compute type   */     \
+/* in chunks first (the masked loop mixing 8-bit loads with floats ran 10x    */     \
+/* slower than Numba's under omp simd; not retried under ivdep).              */     \
 ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,          \
         int divergence, int extras, int want_g, int want_l)                            \
 {                                                                                      \
-    if (!IS_INT(T) && !extras)                                                         \
-        return LOOP(XN, TN)(s, from_logits, divergence, extras, want_g, want_l, 0);    \
     const int with_ignore = IS_INT(T) && s->p->has_ignore;                             \
+    if (!extras && !with_ignore)                                                       \
+        return loop_##XN##_##TN(s, from_logits, divergence, 0, want_g, want_l, 0);     \
     const T *t = (const T *)s->t;                                                      \
     X tb[TARGET_CHUNK], mb[TARGET_CHUNK];                                              \
     seg_sums r = {0, 0};                                                               \
@@ -234,8 +254,8 @@ ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,  
 }
 
 /* Elements per converted chunk: 8 KiB of float32 stays in L1 beside the
- * streams; 512 left W2 (uint8 targets) at 1 thread 10% slower (1.29 against
- * 1.41 Gelem/s), 4096 as slow. */
+ * streams; 512 left uint8 targets (W2, when it was converted) at 1 thread 10%
+ * slower (1.29 against 1.41 Gelem/s), 4096 as slow. */
 #define TARGET_CHUNK 2048
 
 /* One non-inlined function per flag combination, and their table. */
