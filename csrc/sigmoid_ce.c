@@ -139,22 +139,10 @@ DEFINE_ELEMENT(f64, double)
 #define IS_UNSIGNED(T) ((T)-1 > (T)0)      /* uint8/uint16 codes; (T)-1 their top */
 
 /* The contiguous loop over one row: float targets, or integer codes read in
- * place (with a mask, weights or an ignore_value they arrive converted to X,
- * DEFINE_SEGMENT); flags are compile-time in every caller.
- * For codes GCC gets `ivdep`, not `omp simd`: an omp simd loop is lowered
- * before the target clones are made, for the default target, so its lanes
- * are capped at SSE's 16 bytes; a loop of 8-bit codes then ran on 128-bit
- * vectors (W2 0.36 Gelem/s, Zen 2). Under ivdep each clone picks its own
- * width and finds the integer reductions itself: W2 in C at 1 thread 0.55
- * (converted in chunks) -> 0.63, float64 logits 0.115 -> 0.185. */
-#define ROW_SIMD_f32 _Pragma("omp simd reduction(+:count) reduction(max:top)")
-#define ROW_SIMD_f64 ROW_SIMD_f32
-#if defined(__GNUC__) && !defined(__clang__)
-#define ROW_SIMD_u8 _Pragma("GCC ivdep")
-#else
-#define ROW_SIMD_u8 ROW_SIMD_f32
-#endif
-#define ROW_SIMD_u16 ROW_SIMD_u8
+ * place (with a mask, weights or pos_weight they arrive converted to X,
+ * DEFINE_SEGMENT); flags are compile-time in every caller. Codes in place:
+ * W2 in C at 1 thread 0.55 (converted in chunks) -> 0.65 Gelem/s, float64
+ * logits 0.115 -> 0.185, Zen 2 (walk.h: SIMD_OVER). */
 #define DEFINE_LOOP(XN, X, TN, T)                                                      \
 ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,             \
         int divergence, int extras, int want_g, int want_l, int has_ignore)            \
@@ -175,12 +163,11 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
     const int64_t n = s->n;                                                            \
     int32_t count = 0;              /* n <= FASTSCE_BLOCK: 32-bit lanes suffice */     \
     RKEY(T) top = 0;                                                                   \
-    ROW_SIMD_##TN                                                                      \
+    SIMD_OVER_##TN("omp simd reduction(+:count) reduction(max:top)")                   \
     for (int64_t i = 0; i < n; i++) {                                                  \
         X tf = (X)t[i];                                                                \
-        int valid = extras ? mk[i] != (X)0 : 1;                                        \
-        valid = valid && !(has_ignore && tf == ignore);                                \
-        RKEY(T) key = valid ? rkey_##T(t[i]) : 0;                                      \
+        int valid = (extras ? mk[i] != (X)0 : 1) & !(has_ignore && tf == ignore);      \
+        RKEY(T) key = rkey_##T(t[i]) & (RKEY(T))-(RKEY(T))valid;                       \
         top = key > top ? key : top;                                                   \
         X dl;                                                                          \
         X loss = element_##XN(x[i], tf, sc, zs, shift, extras ? pw[i] : (X)1,          \
@@ -211,17 +198,18 @@ DEFINE_LOOP(f64, double, u16, uint16_t)
 #define LOOP(XN, TN) LOOP_##TN(XN)
 
 #define DEFINE_SEGMENT(XN, X, TN, T)                                                   \
-/* Without extras the row's loop runs in place (integer codes too, unless an  */     \
-/* ignore_value: GCC's ivdep loop with that test ran 4x slower than this).    */     \
-/* Otherwise integer targets and the mask are converted to the compute type   */     \
-/* in chunks first (the masked loop mixing 8-bit loads with floats ran 10x    */     \
-/* slower than Numba's under omp simd; not retried under ivdep).              */     \
+/* Without extras the row's loop runs in place, integer codes too. Otherwise  */     \
+/* integer targets and the mask are converted to the compute type in chunks   */     \
+/* first (the masked loop mixing 8-bit loads with floats ran 10x slower than  */     \
+/* Numba's under omp simd; not retried under ivdep).                          */     \
 ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,          \
         int divergence, int extras, int want_g, int want_l)                            \
 {                                                                                      \
     const int with_ignore = IS_INT(T) && s->p->has_ignore;                             \
-    if (!extras && !with_ignore)                                                       \
-        return loop_##XN##_##TN(s, from_logits, divergence, 0, want_g, want_l, 0);     \
+    if (!extras)                                                                       \
+        return with_ignore                                                             \
+            ? loop_##XN##_##TN(s, from_logits, divergence, 0, want_g, want_l, 1)       \
+            : loop_##XN##_##TN(s, from_logits, divergence, 0, want_g, want_l, 0);      \
     const T *t = (const T *)s->t;                                                      \
     X tb[TARGET_CHUNK], mb[TARGET_CHUNK];                                              \
     seg_sums r = {0, 0};                                                               \
@@ -497,15 +485,16 @@ ALWAYS_INLINE seg_sums count_loop_##TN(const seg_args *s, int masked)           
     const T limit = (T)(sc < top ? sc : top);                                          \
     const int64_t n = s->n;                                                            \
     int32_t count = 0, bad = 0;     /* n <= FASTSCE_BLOCK */                           \
-    _Pragma("omp simd reduction(+:count,bad)")                                         \
+    /* `&`, not `&&`: with && GCC left the masked loop scalar (0.25 Gelem/s  */      \
+    /* on a random mask; 5.4 with &, uint8 codes, Zen 2)                       */      \
+    SIMD_OVER_##TN("omp simd reduction(+:count,bad)")                                  \
     for (int64_t i = 0; i < n; i++) {                                                  \
-        int valid = masked ? m[i] != 0 : 1;                                            \
-        valid = valid && !(has_ignore && t[i] == ignore);                              \
+        int valid = (masked ? m[i] != 0 : 1) & !(has_ignore && t[i] == ignore);        \
         if (IS_UNSIGNED(T)) {                                                          \
-            bad += valid && t[i] > limit;                                              \
+            bad += valid & (t[i] > limit);                                             \
         } else {                                                                       \
             double tf = (double)t[i];                                                  \
-            bad += valid && !(tf >= 0.0 && tf <= sc);                                  \
+            bad += valid & !((tf >= 0.0) & (tf <= sc));                                \
         }                                                                              \
         count += valid;                                                                \
     }                                                                                  \
