@@ -121,6 +121,11 @@ def range_key(t):
     bits); an integer code is its own key."""
 
 
+def valid_key(t, valid):
+    """range_key(t) if valid, else 0: a product, not a select (LLVM left the
+    loop of a masked row scalar, 10x slower, when a select fed the maximum)."""
+
+
 def range_top(t, scale):
     """The key of the largest value of array t's type <= scale, and the key
     type's 0: a row holds a target outside [0, scale] iff its largest key is
@@ -141,6 +146,12 @@ def _range_key(t):
     if t.bitwidth == 64:    # (int64 hard labels: only compiled, as in C)
         return lambda t: np.uint64(t)
     return lambda t: np.uint32(t)
+
+
+@overload(valid_key, jit_options=_EXACT)
+def _valid_key(t, valid):
+    kt = np.uint64 if t.bitwidth == 64 else np.uint32
+    return lambda t, valid: kt(range_key(t) * kt(valid))
 
 
 @overload(range_top, jit_options=_EXACT)
@@ -183,13 +194,8 @@ def _segment(from_logits, divergence, ftype):
         top_ok, top = range_top(t, scale)
         for i in range(n):
             ti = t[i]
-            valid = True
-            if m is not None:
-                valid = m[i]
-            if ignore is not None:
-                valid = valid and ti != ignore
-            key = range_key(ti)
-            top = key if valid and key > top else top
+            valid = _valid(m, t, i, ignore)
+            top = max(top, valid_key(ti, valid))
             tf = F(ti)
             a = one if pw is None else pw[i]
             wi = one if w is None else w[i]
@@ -212,11 +218,11 @@ def _segment(from_logits, divergence, ftype):
 def _count_segment(x, t, w, m, pw, g, l, n, scale, eps, ignore, gs, losses):
     """Count and check only (the pre-pass of a masked "mean" gradient or of an
     in-place out=logits); no losses (x and losses are None)."""
-    count = 0
-    bad = 0
+    count = np.int32(0)     # n <= BLOCK (as C)
+    bad = np.int32(0)
     for i in range(n):
-        count += _valid(m, t, i, ignore)
-        bad += _is_bad(t, m, i, scale, ignore)
+        count = np.int32(count + _valid(m, t, i, ignore))
+        bad = np.int32(bad + _is_bad(t, m, i, scale, ignore))
     return count, bad
 
 
@@ -234,7 +240,8 @@ def _is_bad(t, m, i, scale, ignore):
     """Whether element i counts and lies outside [0, scale], compared exactly
     (in float64)."""
     tf = np.float64(t[i])
-    return _valid(m, t, i, ignore) and not (tf >= 0.0 and tf <= scale)
+    inside = (tf >= 0.0) & (tf <= scale)
+    return _valid(m, t, i, ignore) & (not inside)
 
 
 @jit(**_OPTS)
@@ -280,12 +287,13 @@ def row_offsets(shape, offsets, strides, i):
 
 @jit(**_OPTS)
 def _valid(m, t, i, ignore):
-    """Whether element i counts: its mask, and a target code other than `ignore`."""
+    """Whether element i counts: its mask, and a target code other than `ignore`
+    (`&`, not `and`, which LLVM would leave as branches)."""
     ok = True
     if m is not None:
-        ok = m[i]
+        ok = m[i] != 0
     if ignore is not None:
-        ok = ok and t[i] != ignore
+        ok = ok & (t[i] != ignore)
     return ok
 
 
