@@ -16,8 +16,8 @@
 
 /* The soft-target range check as one unsigned maximum: a float's bits order
  * like its value on [+0, inf] and lie above all of those for -0, negatives
- * and NaN (sign or exponent bits), and a code is its own key (the binary C
- * loop keys a chunk's codes converted to floats: the same test); so targets lie
+ * and NaN (sign or exponent bits), and a code is its own key (a converted
+ * chunk's codes are keyed as floats: the same test); so targets lie
  * in [0, scale] iff their largest key is at most that of the largest value
  * <= scale (-0 a false alarm: exactly, t is bad iff key > top && t != 0).
  * A max per element instead of two compares, a mask and an add (with its
