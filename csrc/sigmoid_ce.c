@@ -141,8 +141,8 @@ DEFINE_ELEMENT(f64, double)
 /* The contiguous loop over one row: float targets, or integer codes read in
  * place (with a mask, weights or pos_weight they arrive converted to X,
  * DEFINE_SEGMENT); flags are compile-time in every caller. Codes in place:
- * W2 in C at 1 thread 0.55 (converted in chunks) -> 0.65 Gelem/s, float64
- * logits 0.115 -> 0.185, Zen 2 (walk.h: SIMD_OVER). */
+ * W2 in C at 1 thread 0.55 (converted in chunks) -> 0.65 Gelem/s, Zen 2
+ * (walk.h: SIMD_OVER). */
 #define DEFINE_LOOP(XN, X, TN, T)                                                      \
 ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,             \
         int divergence, int extras, int want_g, int want_l, int has_ignore)            \
@@ -188,8 +188,9 @@ DEFINE_LOOP(f64, double, f64, double)
 DEFINE_LOOP(f32, float, f64, double)
 DEFINE_LOOP(f64, double, f32, float)
 DEFINE_LOOP(f32, float, u8, uint8_t)
-DEFINE_LOOP(f64, double, u8, uint8_t)
 DEFINE_LOOP(f32, float, u16, uint16_t)
+/* Named by DEFINE_SEGMENT's branch for float64 logits, which is compiled out. */
+DEFINE_LOOP(f64, double, u8, uint8_t)
 DEFINE_LOOP(f64, double, u16, uint16_t)
 /* The loop a converted chunk runs: integer codes go through X's own. */
 #define LOOP_f32(XN) loop_##XN##_f32
@@ -199,15 +200,17 @@ DEFINE_LOOP(f64, double, u16, uint16_t)
 #define LOOP(XN, TN) LOOP_##TN(XN)
 
 #define DEFINE_SEGMENT(XN, X, TN, T)                                                   \
-/* Without extras the row's loop runs in place, integer codes too. Otherwise  */     \
-/* integer targets and the mask are converted to the compute type in chunks   */     \
-/* first (the masked loop mixing 8-bit loads with floats ran 10x slower than  */     \
-/* Numba's under omp simd; not retried under ivdep).                          */     \
+/* Without extras the row's loop runs in place, float32 logits' integer codes */     \
+/* too (float64 logits' in place, 32 lanes of doubles per step, made this      */     \
+/* file's compile 1.6x as long for 0.115 -> 0.185 Gelem/s on a rare case).     */     \
+/* Otherwise integer targets and the mask are converted to the compute type    */     \
+/* in chunks first (the masked loop mixing 8-bit loads with floats ran 10x     */     \
+/* slower than Numba's under omp simd; not retried under ivdep).               */     \
 ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,          \
         int divergence, int extras, int want_g, int want_l)                            \
 {                                                                                      \
     const int with_ignore = IS_INT(T) && s->p->has_ignore;                             \
-    if (!extras)                                                                       \
+    if (!extras && (!IS_INT(T) || sizeof(X) == 4))                                     \
         return with_ignore                                                             \
             ? loop_##XN##_##TN(s, from_logits, divergence, 0, want_g, want_l, 1)       \
             : loop_##XN##_##TN(s, from_logits, divergence, 0, want_g, want_l, 0);      \
