@@ -139,8 +139,10 @@ DEFINE_ELEMENT(f64, double)
 #define IS_UNSIGNED(T) ((T)-1 > (T)0)      /* uint8/uint16 codes; (T)-1 their top */
 
 /* The contiguous loop over one row: float targets, or integer codes read in
- * place (with a mask, weights or pos_weight they arrive converted to X,
- * DEFINE_SEGMENT); flags are compile-time in every caller. Codes in place:
+ * place (with a mask, weights or pos_weight, or under float64 logits, they
+ * arrive converted to X: DEFINE_SEGMENT); flags are compile-time in every
+ * caller. Numba reads codes in place in every case; a code's conversion is
+ * exact, so the two agree bitwise. Codes in place:
  * W2 in C at 1 thread 0.55 (converted in chunks) -> 0.65 Gelem/s, Zen 2
  * (walk.h: SIMD_OVER). */
 #define DEFINE_LOOP(XN, X, TN, T)                                                      \
