@@ -112,7 +112,7 @@ DEFINE_CLASS(f64, double)
 
 /* Same operations in the same order as _tile in _numba_softmax.py. */
 #define DEFINE_TILE(XN, X, TN, T)                                                      \
-ALWAYS_INLINE X target_##XN##_##TN(const T *z, const int32_t *lab, int64_t zcs,         \
+ALWAYS_INLINE X target_##XN##_##TN(const T *z, const int32_t *lab, int64_t zcs,        \
                                    int64_t k, int64_t p, X inv, X keep, X shift)       \
 {                                                                                      \
     if (IS_HARD(T)) return (lab[p] == (int32_t)k ? keep : (X)0) + shift;               \
@@ -121,9 +121,10 @@ ALWAYS_INLINE X target_##XN##_##TN(const T *z, const int32_t *lab, int64_t zcs, 
 /* Class k of pixel j in step (2): stores e and w z for (4) (rows of CHUNK);           \
  * returns w z and the sums' terms (es, tie, at, and w z log z for the                 \
  * divergence). */                                                                     \
-ALWAYS_INLINE X one_##XN##_##TN(const X *x, int64_t xcs, const T *z, const int32_t *lab, \
-        int64_t zcs, X *e, X *wzs, int64_t k, int64_t j, X cwk, X mxj, X inv, X keep,  \
-        X shift, X *es, X *tie, X *at, X *h, int from_logits, int divergence)          \
+ALWAYS_INLINE X one_##XN##_##TN(const X *x, int64_t xcs, const T *z,                   \
+        const int32_t *lab, int64_t zcs, X *e, X *wzs, int64_t k, int64_t j, X cwk,    \
+        X mxj, X inv, X keep, X shift, X *es, X *tie, X *at, X *h, int from_logits,    \
+        int divergence)                                                                \
 {                                                                                      \
     X zv = target_##XN##_##TN(z, lab, zcs, k, j, inv, keep, shift), wz = cwk * zv;     \
     e[k * CHUNK + j] = class_##XN(x[k * xcs + j], mxj, wz, from_logits, es, tie, at);  \
@@ -148,7 +149,8 @@ ALWAYS_INLINE void classes_##XN##_##TN(const tile_args *a, const X *x, const T *
     SIMD for (int64_t j = 0; j < np; j++) {                                            \
         X es0, t0, a0, h0, es1 = (X)0, t1 = (X)0, a1 = (X)0, h1 = (X)0, wz1 = (X)0;    \
         X wz0 = one_##XN##_##TN(x, xcs, z, lab, zcs, e, wzs, k, j, cw0, mx[j], inv,    \
-                                keep, shift, &es0, &t0, &a0, &h0, from_logits, divergence); \
+                                keep, shift, &es0, &t0, &a0, &h0, from_logits,         \
+                                divergence);                                           \
         if (two)                                                                       \
             wz1 = one_##XN##_##TN(x, xcs, z, lab, zcs, e, wzs, k + 1, j, cw1, mx[j],   \
                                   inv, keep, shift, &es1, &t1, &a1, &h1, from_logits,  \
@@ -187,10 +189,11 @@ ALWAYS_INLINE tile_sums chunk_##XN##_##TN(const tile_args *a, int64_t q0, int64_
         if (IS_HARD(T)) lab[j] = z[j] >= 0 && z[j] < (T)C ? (int32_t)z[j] : -1;        \
     }                                                                                  \
     for (int64_t k = 0; k + 1 < C; k += 2)             /* (2) exps and sums */        \
-        classes_##XN##_##TN(a, x, z, lab, k, 1, q0, np, s, W, A, H, ties, from_logits, divergence); \
-    if (C & 1)                                                                         \
-        classes_##XN##_##TN(a, x, z, lab, C - 1, 0, q0, np, s, W, A, H, ties, from_logits,  \
+        classes_##XN##_##TN(a, x, z, lab, k, 1, q0, np, s, W, A, H, ties, from_logits, \
                             divergence);                                               \
+    if (C & 1)                                                                         \
+        classes_##XN##_##TN(a, x, z, lab, C - 1, 0, q0, np, s, W, A, H, ties,          \
+                            from_logits, divergence);                                  \
     X fac[CHUNK], wf[CHUNK], is[CHUNK], ok[CHUNK], wt[CHUNK];                          \
     int64_t count = 0, bad = 0;                                                        \
     /* Apart from (3): byte loads would widen its vectors past np, and there      */ \

@@ -125,7 +125,7 @@ def _tile(from_logits, divergence, hard, ftype):
 
     def make_classes(two):
         @jit(f"{key}-{two}", **_EXACT)
-        def classes(x, xo, xcs, z, zo, zcs, zp, k, q0, np_, cw, mxc, e, wzs, inv, keep, shift,
+        def classes(x, xo, xcs, z, zo, zcs, lab, k, q0, np_, cw, mxc, e, wzs, inv, keep, shift,
                     ties, esb, wzb, ab, hb, s, W, A, H):
             """Step (2) for class k, and k + 1 if `two`: stores e and w z for
             (4) and adds to the per-pixel sums. A pair's terms (non-negative)
@@ -136,8 +136,8 @@ def _tile(from_logits, divergence, hard, ftype):
             cw1 = one if cw is None else cw[k1]
             x0 = x[xo + k * xcs + q0:xo + k * xcs + q0 + np_]
             x1 = x[xo + k1 * xcs + q0:xo + k1 * xcs + q0 + np_]
-            z0 = zp if hard else z[zo + k * zcs + q0:zo + k * zcs + q0 + np_]
-            z1 = zp if hard else z[zo + k1 * zcs + q0:zo + k1 * zcs + q0 + np_]
+            z0 = lab if hard else z[zo + k * zcs + q0:zo + k * zcs + q0 + np_]
+            z1 = lab if hard else z[zo + k1 * zcs + q0:zo + k1 * zcs + q0 + np_]
             e0 = e[k * CHUNK:k * CHUNK + np_]
             e1 = e[k1 * CHUNK:k1 * CHUNK + np_]
             wz0 = wzs[k * CHUNK:k * CHUNK + np_]
