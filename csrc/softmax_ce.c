@@ -208,7 +208,7 @@ ALWAYS_INLINE tile_sums chunk_##XN##_##TN(const tile_args *a, int64_t q0, int64_
     }                                                                                  \
     SIMD_COUNTS for (int64_t j = 0; j < np; j++) {      /* (3) pixel losses */         \
         int v = ok[j] != (X)0;                                                         \
-        bad += IS_HARD(T) ? v && !(z[j] >= 0 && z[j] < (T)C)                           \
+        bad += IS_HARD(T) ? v && lab[j] < 0                 /* out of range */         \
                           : v ? (int32_t)nbad[j] : 0;      /* elements */              \
         count += v;                                                                    \
         double loss64 = divergence ? A[j] + H[j] : A[j];                               \

@@ -248,7 +248,7 @@ def _tile(from_logits, divergence, hard, ftype):
             for j in range(np_):                   # (3) pixel losses
                 v = ok[j] != zero
                 if hard:
-                    bad = np.int32(bad + (v and not (zp[j] >= 0 and zp[j] < C)))
+                    bad = np.int32(bad + (v and lc32[j] < 0))     # out of range
                 else:
                     bad = np.int32(bad + (np.int32(nb[j]) if v else np.int32(0)))
                 count = np.int32(count + v)
