@@ -14,7 +14,7 @@ e_logf.c); the float32 exp polynomial is Cephes expf's minimax fit.
 
 Also here: `jit` (stable cache identities) and the few LLVM operations the
 kernels need that Numba does not expose: fma, prefetch, memcpy, the
-non-temporal copy and its fence.
+non-temporal copy and its fence, a block transpose.
 """
 import hashlib
 import pathlib
@@ -238,6 +238,63 @@ def stream_elements(typingctx, dst, doff, src, soff, n):
 
 
 stream_elements._set_uuid(f"fastsce:{_SOURCE_DIGEST}:stream_elements")  # stable, as `jit`
+
+
+@intrinsic
+def transpose_block(typingctx, dst, doff, ds, src, soff, ss):
+    """dst[doff + c * ds + r] = src[soff + r * ss + c] for r, c < B = 16 /
+    itemsize: B rows of B adjacent elements loaded as 16-byte vectors,
+    transposed by log2(B) rounds of shuffles (each pairs vector i with
+    i + B/2 and interleaves their halves), B stores; as C's block_transpose
+    (csrc/walk.h) does with SSE2 unpacks. No bounds check."""
+    sig = _copy_typing(dst, doff, src, soff, ss)
+    if sig is None or getattr(dst.dtype, "bitwidth", 0) not in (8, 16, 32, 64):
+        return None
+    sig = types.void(dst, doff, ds, src, soff, ss)
+
+    def codegen(context, builder, signature, args):
+        d = context.make_array(signature.args[0])(context, builder, args[0])
+        s = context.make_array(signature.args[3])(context, builder, args[3])
+        doff, ds, soff, ss = (context.cast(builder, args[i], signature.args[i], types.intp)
+                              for i in (1, 2, 4, 5))
+        elem = context.get_data_type(signature.args[0].dtype)
+        B = 128 // signature.args[0].dtype.bitwidth
+        vec = ir.VectorType(elem, B)
+        ity = doff.type
+        row = [builder.load(builder.bitcast(builder.gep(s.data, [builder.add(
+                   soff, builder.mul(ss, ity(i)))]), vec.as_pointer()), align=1)
+               for i in range(B)]
+        i32 = ir.IntType(32)
+        lo = ir.Constant(ir.VectorType(i32, B), [j // 2 + B * (j % 2) for j in range(B)])
+        hi = ir.Constant(ir.VectorType(i32, B), [B // 2 + j // 2 + B * (j % 2) for j in range(B)])
+        for _ in range(B.bit_length() - 1):
+            pairs = [(row[i], row[i + B // 2]) for i in range(B // 2)]
+            row = [builder.shuffle_vector(a, b, m) for a, b in pairs for m in (lo, hi)]
+        for i in range(B):
+            ptr = builder.gep(d.data, [builder.add(doff, builder.mul(ds, ity(i)))])
+            builder.store(row[i], builder.bitcast(ptr, vec.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+transpose_block._set_uuid(f"fastsce:{_SOURCE_DIGEST}:transpose_block")  # stable, as `jit`
+
+
+@intrinsic
+def block_side(typingctx, arr):
+    """transpose_block's B for arr's elements, as a constant LLVM folds into
+    the loops around it (a runtime step costs them divisions and registers)."""
+    if not isinstance(arr, types.Array) or getattr(arr.dtype, "bitwidth", 0) not in (8, 16, 32, 64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return context.get_constant(types.intp, 128 // signature.args[0].dtype.bitwidth)
+
+    return types.intp(arr), codegen
+
+
+block_side._set_uuid(f"fastsce:{_SOURCE_DIGEST}:block_side")  # stable, as `jit`
 
 
 @intrinsic

@@ -36,7 +36,8 @@ import numpy as np
 from numba import prange
 
 from . import _numba_math as M
-from ._numba_math import copy_elements, jit, prefetch, store_fence, stream_elements
+from ._numba_math import (copy_elements, jit, prefetch, store_fence, stream_elements,
+                          block_side, transpose_block)
 from ._layout import BLOCK, BUF_PAD
 from ._numba_convert import convert
 from ._numba_kernels import (_EXACT, _EXP_CLASS, _MATH, _OPTS, _absent, _by_type, _out,
@@ -281,13 +282,36 @@ STRIDED_PIXELS = 16
 
 
 @jit(**_OPTS)
+def _block_transpose(dst, do, ds, src, so, ss, rows, cols, B):
+    """dst[do + c * ds + r] = src[so + r * ss + c] for r < rows, c < cols (both
+    >= B) by transpose_block; a row or column's last block overlaps the one
+    before (as C's block_transpose)."""
+    for r in range(0, rows, B):
+        r0 = r if r + B <= rows else rows - B
+        for c in range(0, cols, B):
+            c0 = c if c + B <= cols else cols - B
+            transpose_block(dst, do + c0 * ds + r0, ds, src, so + r0 * ss + c0, ss)
+
+
+@jit(**_OPTS)
 def _transpose(dst, do, dps, dcs, src, so, sps, scs, n, C):
     """C classes of n pixels from src to dst, each at offset + pixel * ps +
     class * cs: a strided (NHWC) tile into or out of its [C][bs] buffer (or
     a staging block of STRIDED_PIXELS pixels on its way out), as
-    C's strided_copy (csrc/walk.h). Unsigned indices (wrapping where a stride
-    is negative, the sum in range): Numba tests a signed one for wraparound.
-    In cache, per element on W4's tiles: 0.75 -> 0.33 ns in, 0.74 -> 0.32 out."""
+    C's strided_copy (csrc/walk.h): by B x B blocks where one side has
+    adjacent classes and the other adjacent pixels, else element by element.
+    Unsigned indices (wrapping where a stride is negative, the sum in range):
+    Numba tests a signed one for wraparound. In cache, per element on W4's
+    tiles (16 pixels a call): element by element 0.31 ns in, 0.21 out; by
+    blocks 0.13 both (W4 at 1 thread 0.24 -> 0.29 Gelem/s)."""
+    B = block_side(dst)
+    if n >= B and C >= B:
+        if scs == 1 and dps == 1:           # pixel-major into class rows
+            _block_transpose(dst, do, dcs, src, so, sps, n, C, B)
+            return
+        if sps == 1 and dcs == 1:           # class rows into pixel-major
+            _block_transpose(dst, do, dps, src, so, scs, C, n, B)
+            return
     udo, udps, udcs = np.uint64(do), np.uint64(dps), np.uint64(dcs)
     uso, usps, uscs = np.uint64(so), np.uint64(sps), np.uint64(scs)
     un, step = np.uint64(n), np.uint64(STRIDED_PIXELS)

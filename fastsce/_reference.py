@@ -144,7 +144,9 @@ def count_valid(call):
 
 
 def _class_last(a, axis):
-    return np.moveaxis(np.asarray(a), axis, -1)
+    """float64, the class axis last and contiguous, whatever the input's
+    layout: its sums then run in one order, so NCHW and NHWC agree bitwise."""
+    return np.moveaxis(np.asarray(a), axis, -1).astype(np.float64, order="C")
 
 
 def softmax_targets(call):
@@ -155,7 +157,7 @@ def softmax_targets(call):
         raw = labels
         z = (labels[..., None] == np.arange(C)).astype(np.float64)
     else:
-        raw = _class_last(np.broadcast_to(call.z, call.x.shape), call.axis).astype(np.float64)
+        raw = _class_last(np.broadcast_to(call.z, call.x.shape), call.axis)
         z = raw / call.scale
     eps = call.label_smoothing
     if eps:
@@ -165,7 +167,7 @@ def softmax_targets(call):
 
 def softmax_elementwise(call):
     """Per-pixel loss and per-class d loss / d input (before pixel weight and mask)."""
-    x = _class_last(call.x, call.axis).astype(np.float64)
+    x = _class_last(call.x, call.axis)
     raw, z = softmax_targets(call)
     cw = 1.0 if call.cw is None else np.asarray(call.cw, dtype=np.float64)
     wz = cw * z

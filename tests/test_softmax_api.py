@@ -398,11 +398,13 @@ def test_nchw_nhwc_axis2_bitwise(backend, case, reduction):
 
 
 
+@pytest.mark.parametrize("C", [3, 4, 9, 17, 21])
 @pytest.mark.parametrize("xdtype,tdtype", [(np.float64, np.float64), (np.float32, np.uint8),
                                            (np.float64, np.uint16), (np.float32, np.float64)])
-def test_nchw_nhwc_bitwise_per_dtype(backend, xdtype, tdtype):
-    # the NHWC gathers and the gradient scatter are typed per item size
-    C = 4
+def test_nchw_nhwc_bitwise_per_dtype(backend, xdtype, tdtype, C):
+    # The NHWC gathers and the gradient scatter are typed per item size, and
+    # go by blocks of 16 bytes square (4 x 4 float32, 16 x 16 uint8) where
+    # there are classes enough, a row's last block overlapping the one before
     x, z = random_case((2, C, 9, 70), xdtype, seed=16, scale=6.0)
     if tdtype in (np.uint8, np.uint16):
         top = np.iinfo(tdtype).max
@@ -414,6 +416,32 @@ def test_nchw_nhwc_bitwise_per_dtype(backend, xdtype, tdtype):
     np.testing.assert_array_equal(b.loss, a.loss)
     np.testing.assert_array_equal(np.moveaxis(b.grad, -1, 1), a.grad)
     assert b.grad.dtype == xdtype
+
+
+@pytest.mark.parametrize("C", [3, 4, 9, 17, 21])
+@pytest.mark.parametrize("xdtype,tdtype", [(np.float32, np.uint8), (np.float64, np.float32)])
+def test_class_padded_nhwc_equals_nchw(backend, xdtype, tdtype, C):
+    # Classes adjacent but pixels further apart than C (views of a wider class
+    # axis, and such an `out`): the blocks' rows are strided, and the
+    # gradient goes straight into `out`
+    x, z = random_case((2, C, 5, 33), xdtype, seed=18, scale=6.0)
+    if tdtype == np.uint8:
+        z = (z * 255).round().astype(np.uint8)
+    else:
+        z = z.astype(tdtype)
+
+    def padded(a, fill):
+        wide = np.full(a.shape[:1] + a.shape[2:] + (C + 3,), fill, a.dtype)
+        wide[..., :C] = np.moveaxis(a, 1, -1)
+        return wide[..., :C]
+
+    out = np.full((2, 5, 33, C + 3), 7.0, xdtype)
+    a = smx(x, z, axis=1, reduction="none", backend=backend)
+    b = smx(padded(x, 9.0), padded(z, 0), axis=-1, reduction="none", backend=backend,
+            out=out[..., :C])
+    np.testing.assert_array_equal(b.loss, a.loss)
+    np.testing.assert_array_equal(np.moveaxis(out[..., :C], -1, 1), a.grad)
+    assert (out[..., C:] == 7.0).all()
 
 
 def _placed_out(shape, dtype, aligned):
