@@ -316,10 +316,12 @@ static inline int parallel_blocks(int64_t n_blocks, int64_t group_size, int num_
 /* Copy C classes of n pixels between strided layouts (element strides: per
  * pixel, per class), e.g. a softmax tile into or out of its [C][bs] buffer.
  * By blocks (block_transpose, below) where one side has adjacent classes
- * and the other adjacent pixels; else typed loops per item size (a memcpy per element would cost more than the
- * loss), STRIDED_PIXELS pixels of one class at a time (as Numba's
- * _transpose): in cache, on W4's tiles, the scatter 0.55 -> 0.32 ns per
- * element against pixel by pixel, every class, and the gather 0.29 -> 0.25. */
+ * and the other adjacent pixels; else (other strides, fewer than B classes
+ * or pixels) by typed loops per item size (a memcpy per element would cost
+ * more than the loss), STRIDED_PIXELS pixels of one class at a time (as
+ * Numba's _transpose): in cache, on W4's tiles, before the blocks, the
+ * scatter 0.55 -> 0.32 ns per element against pixel by pixel, every class,
+ * and the gather 0.29 -> 0.25. */
 #define STRIDED_PIXELS 16
 #define DEFINE_TRANSPOSE(NAME, U)                                                      \
 static inline void NAME(U *dst, int64_t dps, int64_t dcs, const U *src, int64_t sps,   \
@@ -346,7 +348,8 @@ DEFINE_TRANSPOSE(transpose8, uint64_t)
  * transpose_block. x86-64 only (SSE2, the baseline: strided_copy is not
  * cloned); elsewhere element by element. W4 (NHWC, C = 21) at 1 thread:
  * 0.26 -> 0.33 Gelem/s; with uint8 targets 0.24 -> 0.33 (medians of 9,
- * old and new builds alternating). */
+ * old and new builds alternating). Unlike the element loops, the blocks keep
+ * the pre-allocation scheduler: without it W4 ran 3% slower. */
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
 #define HAVE_BLOCK_TRANSPOSE 1
@@ -392,8 +395,8 @@ static void block_transpose(char *dst, int64_t ds, const char *src, int64_t ss, 
 #define HAVE_BLOCK_TRANSPOSE 0
 #endif
 
-/* GCC's pre-allocation scheduler (build_ffi.py turns it on) made these copies
- * slower: W4 at 1 thread 4% slower with it, as fast as before without. */
+/* GCC's pre-allocation scheduler (build_ffi.py turns it on) made the element
+ * loops slower: W4 at 1 thread 4% slower with it, as fast as before without. */
 #if defined(__GNUC__) && !defined(__clang__)
 #define NO_PRE_SCHEDULE __attribute__((optimize("no-schedule-insns")))
 #else

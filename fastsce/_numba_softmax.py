@@ -282,10 +282,11 @@ STRIDED_PIXELS = 16
 
 
 @jit(**_OPTS)
-def _block_transpose(dst, do, ds, src, so, ss, rows, cols, B):
+def _block_transpose(dst, do, ds, src, so, ss, rows, cols):
     """dst[do + c * ds + r] = src[so + r * ss + c] for r < rows, c < cols (both
     >= B) by transpose_block; a row or column's last block overlaps the one
     before (as C's block_transpose)."""
+    B = block_side(dst)
     for r in range(0, rows, B):
         r0 = r if r + B <= rows else rows - B
         for c in range(0, cols, B):
@@ -301,16 +302,16 @@ def _transpose(dst, do, dps, dcs, src, so, sps, scs, n, C):
     C's strided_copy (csrc/walk.h): by B x B blocks where one side has
     adjacent classes and the other adjacent pixels, else element by element.
     Unsigned indices (wrapping where a stride is negative, the sum in range):
-    Numba tests a signed one for wraparound. In cache, per element on W4's
-    tiles (16 pixels a call): element by element 0.31 ns in, 0.21 out; by
-    blocks 0.13 both (W4 at 1 thread 0.24 -> 0.29 Gelem/s)."""
+    Numba tests a signed one for wraparound. In cache, per element, W4's
+    classes 16 pixels at a time: element by element 0.31 ns in, 0.21 out;
+    by blocks 0.13 both (W4 at 1 thread 0.24 -> 0.29 Gelem/s)."""
     B = block_side(dst)
     if n >= B and C >= B:
         if scs == 1 and dps == 1:           # pixel-major into class rows
-            _block_transpose(dst, do, dcs, src, so, sps, n, C, B)
+            _block_transpose(dst, do, dcs, src, so, sps, n, C)
             return
         if sps == 1 and dcs == 1:           # class rows into pixel-major
-            _block_transpose(dst, do, dps, src, so, scs, C, n, B)
+            _block_transpose(dst, do, dps, src, so, scs, C, n)
             return
     udo, udps, udcs = np.uint64(do), np.uint64(dps), np.uint64(dcs)
     uso, usps, uscs = np.uint64(so), np.uint64(sps), np.uint64(scs)

@@ -462,13 +462,13 @@ def test_streamed_gradient_equals_scattered(backend, dtype, aligned, width):
     # stride of whole pages (width 512) row by row, in NHWC transposed 16
     # pixels at a time through a staging block. The NHWC `out` has padded
     # rows, so tiles end with its rows: at width 515 each ends in a 3-pixel
-    # block, and rows 517 x 3 items apart start misaligned.
+    # block, and rows 517 x 5 items apart start misaligned.
     from fastsce._layout import STREAM_BYTES
-    shape = (1, 3, 1024, width)
+    shape = (1, 5, 1024, width)     # C = 5: float32's 4 x 4 blocks reach the stage
     assert np.prod(shape) * np.dtype(dtype).itemsize >= STREAM_BYTES
     x, z = random_case(shape, dtype, seed=17, scale=6.0)
     out = _placed_out(shape, dtype, aligned)
-    out_nhwc = _placed_out((1, 1024, width + 2, 3), dtype, aligned)[:, :, :width]
+    out_nhwc = _placed_out((1, 1024, width + 2, 5), dtype, aligned)[:, :, :width]
     a = smx(x, z, axis=1, reduction="sum", backend=backend, out=out)
     b = smx(_nhwc(x), _nhwc(z), axis=-1, reduction="sum", backend=backend, out=out_nhwc)
     assert a.grad is out and b.grad is out_nhwc
@@ -504,6 +504,49 @@ def test_stream_elements_copies_every_case():
         np.testing.assert_array_equal(dst, expected, err_msg=str((doff, soff, n)))
     asm = "".join(copy.inspect_asm().values())
     assert ("movnt" in asm) == _STREAMING
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+def test_numba_transpose_copies_every_case(dtype):
+    # Numba's tile copy, directly: blocks of 16 bytes square where one side is
+    # unit-stride (a last block overlapping the one before), element by
+    # element otherwise; pixel counts and class counts around B = 16 / item,
+    # pixels forwards and backwards. Nothing outside the copy may change.
+    pytest.importorskip("numba")
+    from fastsce._numba_softmax import _transpose
+    rng = np.random.default_rng(19)
+    B = 16 // np.dtype(dtype).itemsize
+    for n in sorted({1, B - 1, B, B + 1, 2 * B + 3, 37}):
+        for C in sorted({1, 3, B - 1, B, B + 5, 21}):
+            for ps in (C, -C, C + 2):   # per pixel in the pixel-major side
+                src = rng.integers(1, 250, n * abs(ps) + 8).astype(dtype)
+                so = 3 + (n - 1) * abs(ps) if ps < 0 else 3
+                bs = n + 5
+                dst = np.zeros(C * bs + 4, dtype)
+                expected = dst.copy()
+                q, k = np.meshgrid(np.arange(n), np.arange(C), indexing="ij")
+                expected[2 + k * bs + q] = src[so + q * ps + k]
+                _transpose(dst, 2, 1, bs, src, so, ps, 1, n, C)      # into class rows
+                np.testing.assert_array_equal(dst, expected, err_msg=f"in {n} {C} {ps}")
+                back = np.zeros_like(src)
+                _transpose(back, so, ps, 1, dst, 2, 1, bs, n, C)     # and out again
+                kept = np.zeros_like(src)
+                kept[so + q * ps + k] = src[so + q * ps + k]
+                np.testing.assert_array_equal(back, kept, err_msg=f"out {n} {C} {ps}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_reversed_nhwc_equals_nchw(backend, dtype):
+    # Classes adjacent, pixels walked backwards (a negative pixel stride):
+    # gathered by blocks from the end of each row; an odd row of 33 pixels
+    # leaves a last block overlapping the one before
+    C = 9
+    x, z = random_case((2, C, 5, 33), dtype, seed=20, scale=6.0)
+    a = smx(x[:, :, :, ::-1], z[:, :, :, ::-1], axis=1, reduction="none", backend=backend)
+    b = smx(_nhwc(x)[:, :, ::-1], _nhwc(z)[:, :, ::-1], axis=-1, reduction="none",
+            backend=backend)
+    np.testing.assert_array_equal(b.loss, a.loss)
+    np.testing.assert_array_equal(np.moveaxis(b.grad, -1, 1), a.grad)
 
 
 def _variants(a, tmp_path, name):
