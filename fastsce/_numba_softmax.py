@@ -36,8 +36,8 @@ import numpy as np
 from numba import prange
 
 from . import _numba_math as M
-from ._numba_math import (copy_elements, jit, prefetch, store_fence, stream_elements,
-                          block_side, transpose_block)
+from ._numba_math import (block_side, copy_elements, jit, prefetch, store_fence,
+                          stream_elements, transpose_block)
 from ._layout import BLOCK, BUF_PAD
 from ._numba_convert import convert
 from ._numba_kernels import (_EXACT, _EXP_CLASS, _MATH, _OPTS, _absent, _by_type, _out,
