@@ -18,11 +18,11 @@ PROBE_FROM = 1 << 26
 #: Either fast kernel's softmax scratch per thread (C) or block (Numba), at
 #: most: per class, four [C][tile + BUF_PAD] buffers of 8-byte values
 #: (logits, soft targets and gradient gathered, and C's uint8/uint16 targets
-#: widened), the chunk arrays (C: CHUNK 16 x 16
-#: bytes; Numba: 2 x CHUNK 512 x 8 bytes) and a streamed gradient's staging
-#: block (STRIDED_PIXELS 16 x 8 bytes); per pixel of a tile, len(SLOTS) + 4
-#: rows of 8 bytes; and a BLOCK of float64 losses, Numba's 14 per-pixel chunk
-#: arrays (CHUNK x at most 8 bytes) and small fixed arrays.
+#: widened), the chunk arrays (C: CHUNK 16 x 16 bytes; Numba: 2 x CHUNK 512
+#: x 8 bytes) and a streamed gradient's staging block (STRIDED_PIXELS 16 x 8
+#: bytes); per pixel of a tile, len(SLOTS) + 4 rows of 8 bytes; and a BLOCK
+#: of float64 losses, Numba's 14 per-pixel chunk arrays (CHUNK x at most 8
+#: bytes) and small fixed arrays.
 #: tests/test_memory.py checks the constants against both kernels'.
 GATHER_BUFFERS, CHUNK_BYTES, STAGE_BYTES = 4, 2 * 512 * 8, 16 * 8
 FIXED_BYTES = BLOCK * 8 + 14 * 512 * 8 + 8192
