@@ -22,10 +22,12 @@
  *    a block's partial does not depend on where its rows break (a strided
  *    view and a contiguous copy of it sum alike).
  *  - Specialization: segment loops are instantiated for every combination of
- *    from_logits, divergence, extras (weight/mask/pos_weight present; an
- *    absent one reads a per-thread buffer of neutral values), gradient and
- *    loss map, and for integer targets whether there is an ignore_value, so
- *    the hot loops carry no run-time branches.
+ *    from_logits, divergence, extras (none, or any of weight/mask/pos_weight,
+ *    an absent one reading a per-thread buffer of neutral values), gradient
+ *    and loss map, and for integer targets whether there is an ignore_value,
+ *    so the hot loops carry no run-time branches; plus, for the common
+ *    weighted call (logits, a weight alone, no divergence or loss map), loops
+ *    that read the weight in place and nothing else extra.
  *  - Trust: the Python layer has checked dtypes, shapes, aliasing and option
  *    ranges; here only scratch allocation can fail.
  */
@@ -139,15 +141,17 @@ DEFINE_ELEMENT(f64, double)
 #define IS_UNSIGNED(T) ((T)-1 > (T)0)      /* uint8/uint16 codes; (T)-1 their top */
 
 /* The contiguous loop over one row: float targets, or integer codes read in
- * place (with a mask, weights or pos_weight, or under float64 logits, they
- * arrive converted to X: DEFINE_SEGMENT); flags are compile-time in every
- * caller. Numba reads codes in place in every case; a code's conversion is
- * exact, so the two agree bitwise. Codes in place:
+ * place (with a mask or pos_weight, or under float64 logits, they arrive
+ * converted to X: DEFINE_SEGMENT); flags are compile-time in every caller:
+ * `extras`, the mask (as X) and pos_weight are read; `weighted`, the weight.
+ * Numba reads codes in place in every case; a code's conversion is exact, so
+ * the two agree bitwise. Codes in place:
  * W2 in C at 1 thread 0.55 (converted in chunks) -> 0.65 Gelem/s, Zen 2
  * (walk.h: SIMD_OVER). */
 #define DEFINE_LOOP(XN, X, TN, T)                                                      \
 ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,             \
-        int divergence, int extras, int want_g, int want_l, int has_ignore)            \
+        int divergence, int extras, int weighted, int want_g, int want_l,              \
+        int has_ignore)                                                                \
 {                                                                                      \
     const X *x = (const X *)s->x, *w = (const X *)s->w, *pw = (const X *)s->pw;        \
     const T *t = (const T *)s->t;                                                      \
@@ -174,7 +178,8 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
         top = key > top ? key : top;                                                   \
         X dl;                                                                          \
         X loss = element_##XN(x[i], tf, sc, zs, shift, extras ? pw[i] : (X)1,          \
-                              extras ? w[i] : (X)1, gs, from_logits, divergence, &dl); \
+                              weighted ? w[i] : (X)1, gs, from_logits, divergence,     \
+                              &dl);                                                    \
         loss = valid ? loss : (X)0;                                                    \
         losses[i] = loss;                                                              \
         count += valid;                                                                \
@@ -201,21 +206,30 @@ DEFINE_LOOP(f64, double, u16, uint16_t)
 #define LOOP_u16(XN) loop_##XN##_##XN
 #define LOOP(XN, TN) LOOP_##TN(XN)
 
+/* A segment's extra operands: none, a weight alone, or any of weight, mask and
+ * pos_weight (an absent one reads a neutral buffer). */
+enum { EX_NONE, EX_ALL, EX_WEIGHT };
+
 #define DEFINE_SEGMENT(XN, X, TN, T)                                                   \
-/* Without extras the row's loop runs in place, float32 logits' integer codes */     \
-/* too (float64 logits' in place, 32 lanes of doubles per step, made this      */     \
-/* file's compile 1.6x as long for 0.115 -> 0.185 Gelem/s on a rare case).     */     \
-/* Otherwise integer targets and the mask are converted to the compute type    */     \
-/* in chunks first (the masked loop mixing 8-bit loads with floats ran 10x     */     \
-/* slower than Numba's under omp simd; not retried under ivdep).               */     \
+/* Without a mask or pos_weight the row's loop runs in place, with float      */     \
+/* targets or float32 logits' integer codes (float64 logits' in place, 32     */     \
+/* lanes of doubles per step, made this file's compile 1.6x as long for        */     \
+/* 0.115 -> 0.185 Gelem/s on a rare case); a weight alone is read in place     */     \
+/* too (weight-only W1 in C at 1 thread: 0.36 -> 0.45 Gelem/s, Numba's 0.47,   */     \
+/* Zen 2). Otherwise integer targets and the mask are converted to the         */     \
+/* compute type in chunks first (the masked loop mixing 8-bit loads with       */     \
+/* floats ran 10x slower than Numba's under omp simd; not retried under        */     \
+/* ivdep).                                                                     */     \
 ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,          \
-        int divergence, int extras, int want_g, int want_l)                            \
+        int divergence, int ex, int want_g, int want_l)                                \
 {                                                                                      \
     const int with_ignore = IS_INT(T) && s->p->has_ignore;                             \
-    if (!extras && (!IS_INT(T) || sizeof(X) == 4))                                     \
-        return with_ignore                                                             \
-            ? loop_##XN##_##TN(s, from_logits, divergence, 0, want_g, want_l, 1)       \
-            : loop_##XN##_##TN(s, from_logits, divergence, 0, want_g, want_l, 0);      \
+    const int all = ex == EX_ALL, weighted = ex != EX_NONE;                            \
+    if (!all && (!IS_INT(T) || sizeof(X) == 4))                                        \
+        return with_ignore ? loop_##XN##_##TN(s, from_logits, divergence, 0, weighted, \
+                                              want_g, want_l, 1)                       \
+                           : loop_##XN##_##TN(s, from_logits, divergence, 0, weighted, \
+                                              want_g, want_l, 0);                      \
     const T *t = (const T *)s->t;                                                      \
     X tb[TARGET_CHUNK], mb[TARGET_CHUNK];                                              \
     seg_sums r = {0, 0};                                                               \
@@ -230,17 +244,18 @@ ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,  
             for (int64_t j = 0; j < k; j++) tb[j] = (X)t[c + j];                       \
             sub.t = tb;                                                                \
         }                                                                              \
-        if (extras) {                                                                  \
+        if (weighted) sub.w = (const X *)s->w + c;                                     \
+        if (all) {                                                                     \
             for (int64_t j = 0; j < k; j++) mb[j] = s->m[c + j] ? (X)1 : (X)0;         \
             sub.mk = mb;                                                               \
-            sub.w = (const X *)s->w + c;                                               \
             sub.pw = (const X *)s->pw + c;                                             \
         }                                                                              \
         if (want_g) sub.g = (X *)s->g + c;                                             \
         if (want_l) sub.l = (X *)s->l + c;                                             \
-        seg_sums q = with_ignore                                                       \
-            ? LOOP(XN, TN)(&sub, from_logits, divergence, extras, want_g, want_l, 1)   \
-            : LOOP(XN, TN)(&sub, from_logits, divergence, extras, want_g, want_l, 0);  \
+        seg_sums q = with_ignore ? LOOP(XN, TN)(&sub, from_logits, divergence, all,    \
+                                                weighted, want_g, want_l, 1)           \
+                                 : LOOP(XN, TN)(&sub, from_logits, divergence, all,    \
+                                                weighted, want_g, want_l, 0);          \
         r.count += q.count;                                                            \
         r.bad += q.bad;                                                                \
     }                                                                                  \
@@ -267,11 +282,17 @@ FASTSCE_CLONES static seg_sums seg_##XN##_##TN##_##FL##DV##EX##WG##WL(const seg_
 #define E8(XN, TN, FL, DV) E4(XN, TN, FL, DV, 0) E4(XN, TN, FL, DV, 1)
 #define E16(XN, TN, FL) E8(XN, TN, FL, 0) E8(XN, TN, FL, 1)
 #define E32(XN, TN) E16(XN, TN, 0) E16(XN, TN, 1)
-/* index = from_logits<<4 | divergence<<3 | extras<<2 | want_g<<1 | want_l */
+/* table: index = from_logits<<4 | divergence<<3 | (ex == EX_ALL)<<2 | want_g<<1 |
+ * want_l; weighted (EX_WEIGHT): the common call only, logits without
+ * divergence or loss map, index want_g (every set of loops costs compile
+ * time: all 32 for a weight alone made this file's compile 1.7x as long). */
 #define SEGMENT_TABLE(XN, X, TN, T)                                                    \
     DEFINE_SEGMENT(XN, X, TN, T)                                                       \
     V32(XN, TN)                                                                        \
-    static const segment_fn table_##XN##_##TN[32] = { E32(XN, TN) };
+    static const segment_fn table_##XN##_##TN[32] = { E32(XN, TN) };                   \
+    V(XN, TN, 1, 0, EX_WEIGHT, 0, 0) V(XN, TN, 1, 0, EX_WEIGHT, 1, 0)                  \
+    static const segment_fn weighted_##XN##_##TN[2] = {                                \
+        E(XN, TN, 1, 0, EX_WEIGHT, 0, 0) E(XN, TN, 1, 0, EX_WEIGHT, 1, 0)};
 
 /* -------------------------------------------------------- scalar helpers */
 
@@ -447,14 +468,16 @@ int fastsce_sigmoid_ce_##XN##_##TN(int ndim, const int64_t *shape, int64_t group
     const void *bases[FASTSCE_NSLOTS] = {x, t, w, m, pw, g, l};                        \
     const int64_t sizes[FASTSCE_NSLOTS] = {sizeof(X), sizeof(T), sizeof(X), 1,         \
                                            sizeof(X), sizeof(X), sizeof(X)};           \
-    int extras = w || m || pw;                                                         \
+    int ex = m || pw ? EX_ALL : w ? EX_WEIGHT : EX_NONE;                               \
+    if (ex == EX_WEIGHT && !(p->from_logits && !p->divergence && !l)) ex = EX_ALL;     \
     for (int s = 0; s < FASTSCE_NSLOTS; s++) {                                         \
         set_slot(&k, s, bases[s], sizes[s]);                                           \
-        k.neutral[s] = extras && !bases[s] && (s == SW || s == SM || s == SPW);        \
+        k.neutral[s] = ex == EX_ALL && !bases[s] && (s == SW || s == SM || s == SPW);  \
     }                                                                                  \
-    int index = (p->from_logits != 0) << 4 | (p->divergence != 0) << 3 | extras << 2   \
-                | (g != NULL) << 1 | (l != NULL);                                      \
-    k.segment = table_##XN##_##TN[index];                                              \
+    int index = (p->from_logits != 0) << 4 | (p->divergence != 0) << 3                 \
+                | (ex == EX_ALL) << 2 | (g != NULL) << 1 | (l != NULL);                \
+    k.segment = ex == EX_WEIGHT ? weighted_##XN##_##TN[g != NULL]                      \
+                                : table_##XN##_##TN[index];                            \
     k.bad_targets = (bad_targets_fn)bad_targets_##TN;                                  \
     k.gscale = gscale;                                                                 \
     k.part_loss = part_loss;                                                           \

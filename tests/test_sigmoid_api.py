@@ -164,6 +164,41 @@ def test_broadcast_operands_equal_expanded(backend, dtype, case, reduction):
     check_result(ref, exp, dtype, reduction)
 
 
+# Every target type C reads in place, and float64 logits' codes (converted).
+WEIGHT_ALONE = [("float32", "float32", None), ("float32", "float64", None),
+                ("float32", "uint8", 7), ("float32", "uint16", None),
+                ("float64", "float64", None), ("float64", "float32", None),
+                ("float64", "uint8", 7)]
+
+
+@pytest.mark.parametrize("xdtype,tdtype,ignore", WEIGHT_ALONE,
+                         ids=[f"{x}-{t}-{'ignore' if i else 'all'}" for x, t, i in WEIGHT_ALONE])
+def test_weight_alone_equals_weight_with_a_neutral_mask(backend, xdtype, tdtype, ignore):
+    """A weight without mask or pos_weight (C's common weighted call, "sum" or
+    "mean" from logits, has loops of its own) gives the numbers of the same
+    call with an all-true mask, for every target type, with and without the
+    gradient; a strided weight too."""
+    rng = np.random.default_rng(9)
+    n = BLOCK + 700
+    x = (rng.standard_normal(n) * 4).astype(xdtype)
+    if tdtype.startswith("uint"):
+        top = np.iinfo(tdtype).max
+        z = rng.integers(0, top, n, endpoint=True).astype(tdtype)
+        z[::5] = 7
+    else:
+        z = rng.random(n).astype(tdtype)
+    for w in (rng.uniform(0, 2, n).astype(xdtype), rng.uniform(0, 2, 2 * n).astype(xdtype)[::2]):
+        for grad in (True, False):
+            kw = dict(weight=w, ignore_value=ignore, reduction="sum", grad=grad, backend=backend)
+            alone = sce(x, z, **kw)
+            masked = sce(x, z, mask=np.ones(n, bool), **kw)
+            assert alone.loss == masked.loss
+            if grad:
+                np.testing.assert_array_equal(alone.grad, masked.grad)
+            check_result(alone, expected(x, z, weight=w, ignore_value=ignore, reduction="sum"),
+                         np.dtype(xdtype), "sum")
+
+
 # ---------------------------------------------------------------- outputs
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
