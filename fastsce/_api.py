@@ -529,9 +529,9 @@ def _totals(call, results, chunk, what):
                     index = tuple(i + o for i, o in zip(index, chunk.origin))
                 _raise_targets(call, bad, index, what)
     shape = chunk.grouping.result_shape
-    ids = np.arange(math.prod(shape)).reshape(shape)
+    ids = np.arange(math.prod(shape)).reshape(shape) if chunk.sums.size > 1 else None
     for part, p in results:
-        chunk.sums.add(ids[part.dest].ravel(), p)
+        chunk.sums.add(None if ids is None else ids[part.dest].ravel(), p)
 
 
 def _group_scales(parts, reduction, grad_scale, counts):
@@ -630,15 +630,16 @@ def _may_be_bad(call):
 
 
 def reduced(chunk, reduction):
-    """(loss, valid count) of a map's group sums: a float for a full reduction, else
-    an array of the group shape; "mean" divides by the count (NaN for none)."""
+    """(loss, valid count) of a map's group sums: a float and an int for a full
+    reduction, else arrays of the group shape; "mean" divides by the count (NaN
+    for none)."""
     grouping = chunk.grouping
-    loss, count = (a.reshape(grouping.result_shape) for a in chunk.sums.totals())
-    if not grouping.grouped:  # in Python floats (NumPy's 0-d calls cost more)
-        total = float(loss)
+    if not grouping.grouped:  # in Python numbers (NumPy's 0-d calls cost more)
+        total, count = chunk.sums.total()
         if reduction == "mean":
-            total = total / int(count) if count > 0 else math.nan
+            total = total / count if count > 0 else math.nan
         return total, count
+    loss, count = (a.reshape(grouping.result_shape) for a in chunk.sums.totals())
     if reduction == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):
             loss = np.where(count > 0, loss / np.maximum(count, 1), math.nan)
@@ -647,13 +648,14 @@ def reduced(chunk, reduction):
 
 def _deliver(buf, given, dtype):
     """The caller's buffer (filled from ours if they differ) or ours in `dtype`."""
+    if given is buf or (given is None and buf.dtype == dtype):
+        return buf  # before np.errstate, which costs a small call 3%
     # A float16 result may overflow to inf, a legitimate value here (SPEC §2).
     with np.errstate(over="ignore"):
         if given is not None:
-            if given is not buf:
-                given[...] = buf
+            given[...] = buf
             return given
-        return buf if buf.dtype == dtype else buf.astype(dtype)
+        return buf.astype(dtype)
 
 
 _LABEL_KINDS = "iu"

@@ -10,7 +10,7 @@ from . import _cffi_kernels
 from ._layout import (BLOCK, HALF, SLOTS, SWAPPED, kernel_dtype, make_plan, softmax_tile,
                       stream_gradient)
 from ._memory import check_softmax_scratch, size_text, softmax_scratch_bytes
-from ._partials import from_blocks
+from ._partials import block_arrays, from_blocks
 from ._threads import mark_openmp_used
 
 ffi, lib = _cffi_kernels.ffi, _cffi_kernels.lib
@@ -57,11 +57,6 @@ def _params(call, plan):
     return p
 
 
-def _partials(n_blocks):
-    return (np.zeros(n_blocks), np.zeros(n_blocks, np.int64),
-            np.zeros(n_blocks, np.int64), np.full(n_blocks, -1, np.int64))
-
-
 def _i64(a):
     return ffi.from_buffer("int64_t *", a)
 
@@ -88,7 +83,7 @@ def binary(call):
     plan = make_plan(call.shape, {"x": call.x, "z": call.z, "w": call.w, "m": call.m,
                                   "pw": call.pw, "g": call.grad, "l": call.loss_map},
                      group_size=call.group_size)
-    parts = _partials(plan.n_blocks)
+    parts = block_arrays(plan.n_blocks)
     if plan.n_blocks:
         strides = np.ascontiguousarray(plan.strides)
         fn = getattr(lib, f"fastsce_sigmoid_ce_{x}_{t}")
@@ -106,7 +101,7 @@ def softmax(call):
     plan = make_plan(call.shape, {"x": call.x, "z": call.z, "w": call.w, "m": call.m,
                                   "g": call.grad, "l": call.loss_map},
                      group_size=call.group_size, class_axis=call.axis, full_shape=call.x.shape)
-    parts = _partials(plan.n_blocks)
+    parts = block_arrays(plan.n_blocks)
     if plan.n_blocks:
         check_softmax_scratch(call.classes, call.threads)
         strides = np.ascontiguousarray(plan.strides)
@@ -125,7 +120,7 @@ def softmax(call):
 def count_valid(call):
     t = _code(call.z)
     plan = make_plan(call.shape, {"z": call.z, "m": call.m}, group_size=call.group_size)
-    parts = _partials(plan.n_blocks)
+    parts = block_arrays(plan.n_blocks)
     if plan.n_blocks:
         strides = np.ascontiguousarray(plan.strides)
         fn = getattr(lib, f"fastsce_count_valid_{t}")

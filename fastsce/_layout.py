@@ -91,6 +91,8 @@ def kernel_dtype(dtype):
 def _storage(flat):
     """`flat` as kernels take it, and its conversion code: a view of the same
     bytes in native order (no float16 type in Numba or C: its int16 bits)."""
+    if flat.dtype.isnative and flat.dtype != _HALF:
+        return flat, 0
     native = flat.dtype.newbyteorder("=")
     code = 0 if flat.dtype.isnative else SWAPPED
     if native == _HALF:
@@ -116,7 +118,7 @@ def _dense(shape, strides):
 
 def _flat_view(a, strides, writeable):
     """1-D view from the lowest address of `a` to its highest, and the offset of a[0,...,0]."""
-    if _dense(a.shape, strides):
+    if a.flags.c_contiguous or a.flags.f_contiguous or _dense(a.shape, strides):
         # Dense in some axis order (C, F, a moved axis): ravel views it in
         # memory order, without as_strided's cost (a tenth of a small call).
         # (As a plain ndarray: np.matrix would stay 2-D, a memmap type anew.)
@@ -231,6 +233,8 @@ def compact(a):
 
 def broadcast_operand(name, a, shape, what="the shape of `logits`"):
     """Check that `a` broadcasts to `shape` without changing it."""
+    if a.shape == tuple(shape):
+        return
     try:
         b = np.broadcast_shapes(a.shape, shape)
     except ValueError:

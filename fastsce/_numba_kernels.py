@@ -43,7 +43,7 @@ from ._layout import BLOCK, kernel_dtype, make_plan
 from ._memory import check_softmax_scratch
 from ._numba_convert import HALF_BITS, convert
 from ._numba_threading import launch, layer, policy
-from ._partials import from_blocks
+from ._partials import block_arrays, from_blocks
 from ._reference import DENOM_FLOOR, LOG_CLAMP
 
 _ACC = {"reassoc", "nsz"}
@@ -524,10 +524,7 @@ def _launch(run, call, x, g, l):
     plan = make_plan(call.shape, {"x": x, "z": call.z, "w": call.w, "m": call.m,
                                   "pw": call.pw, "g": g, "l": l}, group_size=call.group_size)
     nb = plan.n_blocks
-    part_loss = np.zeros(nb)
-    part_count = np.zeros(nb, np.int64)
-    part_bad = np.zeros(nb, np.int64)
-    part_first = np.full(nb, -1, np.int64)
+    parts = block_arrays(nb)
     if nb:
         f = plan.flats
         ignore = None if call.ignore_value is None else call.z.dtype.type(call.ignore_value)
@@ -536,9 +533,8 @@ def _launch(run, call, x, g, l):
                    f["w"], None if f["m"] is None else f["m"], f["pw"], f["g"], f["l"],
                    plan.offsets, plan.strides, plan.codes, float(call.scale),
                    float(call.label_smoothing), ignore,
-                   np.ones(plan.n_groups) if call.gscale is None else call.gscale,
-                   part_loss, part_count, part_bad, part_first)
-    return from_blocks(part_loss, part_count, part_bad, part_first, plan.n_groups)
+                   np.ones(plan.n_groups) if call.gscale is None else call.gscale, *parts)
+    return from_blocks(*parts, plan.n_groups)
 
 
 def binary(call):
@@ -572,8 +568,7 @@ def softmax(call):
                                   "g": call.grad, "l": call.loss_map},
                      group_size=call.group_size, class_axis=call.axis, full_shape=call.x.shape)
     nb = plan.n_blocks
-    parts = (np.zeros(nb), np.zeros(nb, np.int64), np.zeros(nb, np.int64),
-             np.full(nb, -1, np.int64))
+    parts = block_arrays(nb)
     if nb:
         # An allocation failing inside the parallel loop would surface as a
         # SystemError after some blocks ran: find out before.

@@ -22,10 +22,19 @@ class Partials:
         self.loss, self.count, self.bad, self.first_bad = loss, count, bad, first_bad
 
 
+def block_arrays(n_blocks):
+    """What a fast kernel fills per block: loss sums, valid counts, bad-target
+    counts and first bad index (-1: none)."""
+    ints = np.zeros((3, n_blocks), np.int64)
+    ints[2] = -1
+    return np.zeros(n_blocks), ints[0], ints[1], ints[2]
+
+
 def from_blocks(part_loss, part_count, part_bad, part_first, n_groups):
     """Partials of a fast kernel's per-block arrays (blocks never cross a group)."""
     per = part_loss.size // n_groups if n_groups else 0
-    bad = int(part_bad.sum())
+    # (np.count_nonzero costs a third of a sum, and most calls have no bad target)
+    bad = int(part_bad.sum()) if np.count_nonzero(part_bad) else 0
     first = int(part_first[np.flatnonzero(part_bad)[0]]) if bad else -1
     return Partials(part_loss.reshape(n_groups, per), part_count.reshape(n_groups, per),
                     bad, first)
@@ -39,8 +48,11 @@ class GroupSums:
         self.ids, self.loss, self.count = [], [], []
 
     def add(self, ids, partials):
+        """Take in partials of the groups `ids` (result indices; unused, and
+        may be None, when there is one group)."""
         per = partials.loss.shape[1]
-        self.ids.append(np.repeat(np.asarray(ids, np.int64), per))
+        if self.size > 1:
+            self.ids.append(np.repeat(np.asarray(ids, np.int64), per))
         self.loss.append(partials.loss.ravel())
         self.count.append(partials.count.ravel())
 
@@ -50,15 +62,22 @@ class GroupSums:
         self.loss += other.loss
         self.count += other.count
 
+    def total(self):
+        """(loss, count) of the one group of a full reduction, as a Python float
+        and int: all partials are its own."""
+        if not self.loss:
+            return 0.0, 0
+        return (math.fsum(np.concatenate(self.loss).tolist()),
+                int(np.add.reduce(np.concatenate(self.count))))
+
     def totals(self):
         """(loss, count) per result index: fsum of its partials, and their count."""
         loss = np.zeros(self.size)
         count = np.zeros(self.size, np.int64)
-        if not self.ids:
+        if self.size == 1:
+            loss[0], count[0] = self.total()
             return loss, count
-        if self.size == 1:  # one group (a full reduction): all partials are its own
-            loss[0] = math.fsum(np.concatenate(self.loss).tolist())
-            count[0] = sum(int(c.sum()) for c in self.count)
+        if not self.loss:
             return loss, count
         ids = np.concatenate(self.ids)
         vals = np.concatenate(self.loss)
