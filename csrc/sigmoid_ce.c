@@ -141,8 +141,8 @@ DEFINE_ELEMENT(f64, double)
 #define IS_UNSIGNED(T) ((T)-1 > (T)0)      /* uint8/uint16 codes; (T)-1 their top */
 
 /* The contiguous loop over one row: float targets, or integer codes read in
- * place (with a mask or pos_weight, or under float64 logits, they arrive
- * converted to X: DEFINE_SEGMENT); flags are compile-time in every caller:
+ * place (under EX_ALL, or float64 logits, they arrive converted to X:
+ * DEFINE_SEGMENT); flags are compile-time in every caller:
  * `extras`, the mask (as X) and pos_weight are read; `weighted`, the weight.
  * Numba reads codes in place in every case; a code's conversion is exact, so
  * the two agree bitwise. Codes in place:
@@ -206,20 +206,21 @@ DEFINE_LOOP(f64, double, u16, uint16_t)
 #define LOOP_u16(XN) loop_##XN##_##XN
 #define LOOP(XN, TN) LOOP_##TN(XN)
 
-/* A segment's extra operands: none, a weight alone, or any of weight, mask and
- * pos_weight (an absent one reads a neutral buffer). */
+/* A segment's extra operands: none; a weight alone (EX_WEIGHT: the common
+ * weighted call only, SEGMENT_TABLE); or any of weight, mask and pos_weight
+ * (an absent one reads a neutral buffer). EX_NONE and EX_ALL are 0 and 1: the
+ * table's flag. */
 enum { EX_NONE, EX_ALL, EX_WEIGHT };
 
 #define DEFINE_SEGMENT(XN, X, TN, T)                                                   \
-/* Without a mask or pos_weight the row's loop runs in place, with float      */     \
+/* Under EX_NONE and EX_WEIGHT the row's loop runs in place, with float      */     \
 /* targets or float32 logits' integer codes (float64 logits' in place, 32     */     \
 /* lanes of doubles per step, made this file's compile 1.6x as long for        */     \
-/* 0.115 -> 0.185 Gelem/s on a rare case); a weight alone is read in place     */     \
-/* too (weight-only W1 in C at 1 thread: 0.36 -> 0.45 Gelem/s, Numba's 0.47,   */     \
-/* Zen 2). Otherwise integer targets and the mask are converted to the         */     \
-/* compute type in chunks first (the masked loop mixing 8-bit loads with       */     \
-/* floats ran 10x slower than Numba's under omp simd; not retried under        */     \
-/* ivdep).                                                                     */     \
+/* 0.115 -> 0.185 Gelem/s on a rare case); EX_WEIGHT reads the weight in place */     \
+/* (weight-only W1 in C at 1 thread: 0.36 -> 0.45 Gelem/s, Numba's 0.47, Zen  */     \
+/* 2). Otherwise integer targets and the mask are converted to the compute    */     \
+/* type in chunks first (the masked loop mixing 8-bit loads with floats ran   */     \
+/* 10x slower than Numba's under omp simd; not retried under ivdep).          */     \
 ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,          \
         int divergence, int ex, int want_g, int want_l)                                \
 {                                                                                      \

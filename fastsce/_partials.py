@@ -41,7 +41,8 @@ def from_blocks(part_loss, part_count, part_bad, part_first, n_groups):
 
 
 class GroupSums:
-    """Collects partials of groups identified by result indices; exact per-group sums."""
+    """Collects partials of groups identified by result indices (none kept when
+    there is one group); exact per-group sums."""
 
     def __init__(self, size):
         self.size = size

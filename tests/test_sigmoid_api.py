@@ -177,7 +177,8 @@ def test_weight_alone_equals_weight_with_a_neutral_mask(backend, xdtype, tdtype,
     """A weight without mask or pos_weight (C's common weighted call, "sum" or
     "mean" from logits, has loops of its own) gives the numbers of the same
     call with an all-true mask, for every target type, with and without the
-    gradient; a strided weight too."""
+    gradient; strided, broadcast and float16 weights too (gathered or
+    converted by the walk)."""
     rng = np.random.default_rng(9)
     n = BLOCK + 700
     x = (rng.standard_normal(n) * 4).astype(xdtype)
@@ -187,7 +188,9 @@ def test_weight_alone_equals_weight_with_a_neutral_mask(backend, xdtype, tdtype,
         z[::5] = 7
     else:
         z = rng.random(n).astype(tdtype)
-    for w in (rng.uniform(0, 2, n).astype(xdtype), rng.uniform(0, 2, 2 * n).astype(xdtype)[::2]):
+    weights = (rng.uniform(0, 2, n).astype(xdtype), rng.uniform(0, 2, 2 * n).astype(xdtype)[::2],
+               rng.uniform(0, 2, 1).astype(xdtype), rng.uniform(0, 2, n).astype(np.float16))
+    for w in weights:
         for grad in (True, False):
             kw = dict(weight=w, ignore_value=ignore, reduction="sum", grad=grad, backend=backend)
             alone = sce(x, z, **kw)
