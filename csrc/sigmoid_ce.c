@@ -25,9 +25,9 @@
  *    from_logits, divergence, extras (none, or any of weight/mask/pos_weight,
  *    an absent one reading a per-thread buffer of neutral values), gradient
  *    and loss map, and for integer targets whether there is an ignore_value,
- *    so the hot loops carry no run-time branches; plus, for the common
- *    weighted call (logits, a weight alone, no divergence or loss map), loops
- *    that read the weight in place and nothing else extra.
+ *    so the hot loops carry no run-time branches; plus, for the common call
+ *    (logits, no divergence or loss map, no pos_weight), loops that read a
+ *    weight, a mask or both in place.
  *  - Trust: the Python layer has checked dtypes, shapes, aliasing and option
  *    ranges; here only scratch allocation can fail.
  */
@@ -140,22 +140,43 @@ DEFINE_ELEMENT(f64, double)
 #define IS_INT(T) IS_INT_##T
 #define IS_UNSIGNED(T) ((T)-1 > (T)0)      /* uint8/uint16 codes; (T)-1 their top */
 
+/* One element of a row's loop (DEFINE_LOOP), its flags compile-time. */
+#define LOOP_STEP(XN, X, TN, T)                                                        \
+    {                                                                                  \
+        X tf = (X)t[i];                                                                \
+        int valid = (extras ? mk[i] != (X)0 : bytes ? m[i] != 0 : 1)                   \
+                    & !(has_ignore && tf == ignore);                                   \
+        RKEY(T) key = rkey_##T(t[i]) & (RKEY(T))-(RKEY(T))valid;                       \
+        top = key > top ? key : top;                                                   \
+        X dl;                                                                          \
+        X loss = element_##XN(x[i], tf, sc, zs, shift, extras ? pw[i] : (X)1,          \
+                              weighted ? w[i] : (X)1, gs, from_logits, divergence,     \
+                              &dl);                                                    \
+        loss = valid ? loss : (X)0;                                                    \
+        losses[i] = loss;                                                              \
+        count += valid;                                                                \
+        if (want_g) g[i] = valid ? dl : (X)0;                                          \
+        if (want_l) l[i] = loss;                                                       \
+    }
+
 /* The contiguous loop over one row: float targets, or integer codes read in
  * place (under EX_ALL, or float64 logits, they arrive converted to X:
  * DEFINE_SEGMENT); flags are compile-time in every caller:
- * `extras`, the mask (as X) and pos_weight are read; `weighted`, the weight.
+ * `extras`, the mask (as X) and pos_weight are read; `bytes`, the mask read
+ * in place (as uint8); `weighted`, the weight.
  * Numba reads codes in place in every case; a code's conversion is exact, so
  * the two agree bitwise. Codes in place:
  * W2 in C at 1 thread 0.55 (converted in chunks) -> 0.65 Gelem/s, Zen 2
  * (walk.h: SIMD_OVER). */
 #define DEFINE_LOOP(XN, X, TN, T)                                                      \
 ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,             \
-        int divergence, int extras, int weighted, int want_g, int want_l,              \
+        int divergence, int extras, int bytes, int weighted, int want_g, int want_l,   \
         int has_ignore)                                                                \
 {                                                                                      \
     const X *x = (const X *)s->x, *w = (const X *)s->w, *pw = (const X *)s->pw;        \
     const T *t = (const T *)s->t;                                                      \
     const X *mk = (const X *)s->mk;                                                    \
+    const uint8_t *m = s->m;                                                           \
     X *g = (X *)s->g, *l = (X *)s->l;                                                  \
     X *losses = (X *)s->losses;                                                        \
     const fastsce_params *p = s->p;                                                    \
@@ -170,24 +191,18 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
     const int64_t n = s->n;                                                            \
     int32_t count = 0;              /* n <= FASTSCE_BLOCK: 32-bit lanes suffice */     \
     RKEY(T) top = 0;                                                                   \
-    SIMD_OVER_##TN("omp simd reduction(+:count) reduction(max:top)")                   \
-    for (int64_t i = 0; i < n; i++) {                                                  \
-        X tf = (X)t[i];                                                                \
-        int valid = (extras ? mk[i] != (X)0 : 1) & !(has_ignore && tf == ignore);      \
-        RKEY(T) key = rkey_##T(t[i]) & (RKEY(T))-(RKEY(T))valid;                       \
-        top = key > top ? key : top;                                                   \
-        X dl;                                                                          \
-        X loss = element_##XN(x[i], tf, sc, zs, shift, extras ? pw[i] : (X)1,          \
-                              weighted ? w[i] : (X)1, gs, from_logits, divergence,     \
-                              &dl);                                                    \
-        loss = valid ? loss : (X)0;                                                    \
-        losses[i] = loss;                                                              \
-        count += valid;                                                                \
-        if (want_g) g[i] = valid ? dl : (X)0;                                          \
-        if (want_l) l[i] = loss;                                                       \
+    /* mask bytes beside floats vectorize under GCC's ivdep, not omp simd (10x  */     \
+    /* slower than Numba's once); the other loops run faster under omp simd     */     \
+    /* (unmasked W1 at 1 thread 0.56 against 0.545 Gelem/s, Zen 2)              */     \
+    if (bytes) {                                                                       \
+        SIMD_OVER_u8("omp simd reduction(+:count) reduction(max:top)")                 \
+        for (int64_t i = 0; i < n; i++) LOOP_STEP(XN, X, TN, T)                        \
+    } else {                                                                           \
+        SIMD_OVER_##TN("omp simd reduction(+:count) reduction(max:top)")               \
+        for (int64_t i = 0; i < n; i++) LOOP_STEP(XN, X, TN, T)                        \
     }                                                                                  \
     /* every element counts unless masked or ignored: no sum needed then     */    \
-    seg_sums r = {extras || has_ignore ? count : n, top > top_ok};                     \
+    seg_sums r = {extras || bytes || has_ignore ? count : n, top > top_ok};            \
     return r;                                                                          \
 }
 DEFINE_LOOP(f32, float, f32, float)
@@ -206,31 +221,33 @@ DEFINE_LOOP(f64, double, u16, uint16_t)
 #define LOOP_u16(XN) loop_##XN##_##XN
 #define LOOP(XN, TN) LOOP_##TN(XN)
 
-/* A segment's extra operands: none; a weight alone (EX_WEIGHT: the common
- * weighted call only, SEGMENT_TABLE); or any of weight, mask and pos_weight
- * (an absent one reads a neutral buffer). EX_NONE and EX_ALL are 0 and 1: the
- * table's flag. */
-enum { EX_NONE, EX_ALL, EX_WEIGHT };
+/* A segment's extra operands: none; a weight, a mask or both, read in place
+ * (the common call only, SEGMENT_TABLE); or any of weight, mask and
+ * pos_weight (an absent one reads a neutral buffer). EX_NONE and EX_ALL are 0
+ * and 1: the table's flag. */
+enum { EX_NONE, EX_ALL, EX_WEIGHT, EX_MASK, EX_WEIGHT_MASK };
 
 #define DEFINE_SEGMENT(XN, X, TN, T)                                                   \
-/* Under EX_NONE and EX_WEIGHT the row's loop runs in place, with float      */     \
-/* targets or float32 logits' integer codes (float64 logits' in place, 32     */     \
-/* lanes of doubles per step, made this file's compile 1.6x as long for        */     \
-/* 0.115 -> 0.185 Gelem/s on a rare case); EX_WEIGHT reads the weight in place */     \
-/* (weight-only W1 in C at 1 thread: 0.36 -> 0.45 Gelem/s, Numba's 0.47, Zen  */     \
-/* 2). Otherwise integer targets and the mask are converted to the compute    */     \
-/* type in chunks first (the masked loop mixing 8-bit loads with floats ran   */     \
-/* 10x slower than Numba's under omp simd; not retried under ivdep).          */     \
+/* Except under EX_ALL the row's loop runs in place, with float targets or  */     \
+/* float32 logits' integer codes (float64 logits' in place, 32 lanes of       */     \
+/* doubles per step, made this file's compile 1.6x as long for 0.115 -> 0.185 */     \
+/* Gelem/s on a rare case), reading the weight and the mask's bytes in place  */     \
+/* (W1 in C at 1 thread, Zen 2: weight alone 0.36 -> 0.45 Gelem/s, mask alone */     \
+/* 0.33 -> 0.37, uint8 codes and a mask 0.36 -> 0.46). Under EX_ALL integer  */     \
+/* targets and the mask are converted to the compute type in chunks first (in */     \
+/* place there too made this file's compile 3x as long, for at most 10% with */     \
+/* all three extras).                                                          */     \
 ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,          \
         int divergence, int ex, int want_g, int want_l)                                \
 {                                                                                      \
     const int with_ignore = IS_INT(T) && s->p->has_ignore;                             \
-    const int all = ex == EX_ALL, weighted = ex != EX_NONE;                            \
+    const int all = ex == EX_ALL, bytes = ex == EX_MASK || ex == EX_WEIGHT_MASK;       \
+    const int weighted = all || ex == EX_WEIGHT || ex == EX_WEIGHT_MASK;               \
     if (!all && (!IS_INT(T) || sizeof(X) == 4))                                        \
-        return with_ignore ? loop_##XN##_##TN(s, from_logits, divergence, 0, weighted, \
-                                              want_g, want_l, 1)                       \
-                           : loop_##XN##_##TN(s, from_logits, divergence, 0, weighted, \
-                                              want_g, want_l, 0);                      \
+        return with_ignore ? loop_##XN##_##TN(s, from_logits, divergence, 0, bytes,    \
+                                              weighted, want_g, want_l, 1)             \
+                           : loop_##XN##_##TN(s, from_logits, divergence, 0, bytes,    \
+                                              weighted, want_g, want_l, 0);            \
     const T *t = (const T *)s->t;                                                      \
     X tb[TARGET_CHUNK], mb[TARGET_CHUNK];                                              \
     seg_sums r = {0, 0};                                                               \
@@ -246,6 +263,7 @@ ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,  
             sub.t = tb;                                                                \
         }                                                                              \
         if (weighted) sub.w = (const X *)s->w + c;                                     \
+        if (bytes) sub.m = s->m + c;                                                   \
         if (all) {                                                                     \
             for (int64_t j = 0; j < k; j++) mb[j] = s->m[c + j] ? (X)1 : (X)0;         \
             sub.mk = mb;                                                               \
@@ -254,9 +272,9 @@ ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,  
         if (want_g) sub.g = (X *)s->g + c;                                             \
         if (want_l) sub.l = (X *)s->l + c;                                             \
         seg_sums q = with_ignore ? LOOP(XN, TN)(&sub, from_logits, divergence, all,    \
-                                                weighted, want_g, want_l, 1)           \
+                                                bytes, weighted, want_g, want_l, 1)    \
                                  : LOOP(XN, TN)(&sub, from_logits, divergence, all,    \
-                                                weighted, want_g, want_l, 0);          \
+                                                bytes, weighted, want_g, want_l, 0);   \
         r.count += q.count;                                                            \
         r.bad += q.bad;                                                                \
     }                                                                                  \
@@ -284,16 +302,21 @@ FASTSCE_CLONES static seg_sums seg_##XN##_##TN##_##FL##DV##EX##WG##WL(const seg_
 #define E16(XN, TN, FL) E8(XN, TN, FL, 0) E8(XN, TN, FL, 1)
 #define E32(XN, TN) E16(XN, TN, 0) E16(XN, TN, 1)
 /* table: index = from_logits<<4 | divergence<<3 | (ex == EX_ALL)<<2 | want_g<<1 |
- * want_l; weighted (EX_WEIGHT): the common call only, logits without
- * divergence or loss map, index want_g (every set of loops costs compile
- * time: all 32 for a weight alone made this file's compile 1.7x as long). */
+ * want_l; common: the common call only, logits without divergence or loss map,
+ * index [ex - EX_WEIGHT][want_g] (every set of loops costs compile time: all
+ * 32 for a weight alone made this file's compile 1.7x as long; these six, 2%
+ * and 14% more text). */
 #define SEGMENT_TABLE(XN, X, TN, T)                                                    \
     DEFINE_SEGMENT(XN, X, TN, T)                                                       \
     V32(XN, TN)                                                                        \
     static const segment_fn table_##XN##_##TN[32] = { E32(XN, TN) };                   \
     V(XN, TN, 1, 0, EX_WEIGHT, 0, 0) V(XN, TN, 1, 0, EX_WEIGHT, 1, 0)                  \
-    static const segment_fn weighted_##XN##_##TN[2] = {                                \
-        E(XN, TN, 1, 0, EX_WEIGHT, 0, 0) E(XN, TN, 1, 0, EX_WEIGHT, 1, 0)};
+    V(XN, TN, 1, 0, EX_MASK, 0, 0) V(XN, TN, 1, 0, EX_MASK, 1, 0)                      \
+    V(XN, TN, 1, 0, EX_WEIGHT_MASK, 0, 0) V(XN, TN, 1, 0, EX_WEIGHT_MASK, 1, 0)        \
+    static const segment_fn common_##XN##_##TN[3][2] = {                               \
+        {E(XN, TN, 1, 0, EX_WEIGHT, 0, 0) E(XN, TN, 1, 0, EX_WEIGHT, 1, 0)},           \
+        {E(XN, TN, 1, 0, EX_MASK, 0, 0) E(XN, TN, 1, 0, EX_MASK, 1, 0)},               \
+        {E(XN, TN, 1, 0, EX_WEIGHT_MASK, 0, 0) E(XN, TN, 1, 0, EX_WEIGHT_MASK, 1, 0)}};
 
 /* -------------------------------------------------------- scalar helpers */
 
@@ -469,15 +492,16 @@ int fastsce_sigmoid_ce_##XN##_##TN(int ndim, const int64_t *shape, int64_t group
     const void *bases[FASTSCE_NSLOTS] = {x, t, w, m, pw, g, l};                        \
     const int64_t sizes[FASTSCE_NSLOTS] = {sizeof(X), sizeof(T), sizeof(X), 1,         \
                                            sizeof(X), sizeof(X), sizeof(X)};           \
-    int ex = m || pw ? EX_ALL : w ? EX_WEIGHT : EX_NONE;                               \
-    if (ex == EX_WEIGHT && !(p->from_logits && !p->divergence && !l)) ex = EX_ALL;     \
+    int ex = pw ? EX_ALL : w && m ? EX_WEIGHT_MASK : w ? EX_WEIGHT : m ? EX_MASK       \
+                                                                     : EX_NONE;        \
+    if (ex >= EX_WEIGHT && !(p->from_logits && !p->divergence && !l)) ex = EX_ALL;     \
     for (int s = 0; s < FASTSCE_NSLOTS; s++) {                                         \
         set_slot(&k, s, bases[s], sizes[s]);                                           \
         k.neutral[s] = ex == EX_ALL && !bases[s] && (s == SW || s == SM || s == SPW);  \
     }                                                                                  \
     int index = (p->from_logits != 0) << 4 | (p->divergence != 0) << 3                 \
                 | (ex == EX_ALL) << 2 | (g != NULL) << 1 | (l != NULL);                \
-    k.segment = ex == EX_WEIGHT ? weighted_##XN##_##TN[g != NULL]                      \
+    k.segment = ex >= EX_WEIGHT ? common_##XN##_##TN[ex - EX_WEIGHT][g != NULL]        \
                                 : table_##XN##_##TN[index];                            \
     k.bad_targets = (bad_targets_fn)bad_targets_##TN;                                  \
     k.gscale = gscale;                                                                 \
