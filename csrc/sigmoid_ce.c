@@ -192,8 +192,8 @@ ALWAYS_INLINE seg_sums loop_##XN##_##TN(const seg_args *s, int from_logits,     
     int32_t count = 0;              /* n <= FASTSCE_BLOCK: 32-bit lanes suffice */     \
     RKEY(T) top = 0;                                                                   \
     /* mask bytes beside floats vectorize under GCC's ivdep, not omp simd (10x  */     \
-    /* slower than Numba's once); the other loops run faster under omp simd     */     \
-    /* (unmasked W1 at 1 thread 0.56 against 0.545 Gelem/s, Zen 2)              */     \
+    /* slower than Numba's once); the other loops keep omp simd (unmasked, 16M  */     \
+    /* float32 at 1 thread, Zen 2: 0.555-0.572 Gelem/s, under ivdep 0.543-0.547) */    \
     if (bytes) {                                                                       \
         SIMD_OVER_u8("omp simd reduction(+:count) reduction(max:top)")                 \
         for (int64_t i = 0; i < n; i++) LOOP_STEP(XN, X, TN, T)                        \
@@ -228,15 +228,15 @@ DEFINE_LOOP(f64, double, u16, uint16_t)
 enum { EX_NONE, EX_ALL, EX_WEIGHT, EX_MASK, EX_WEIGHT_MASK };
 
 #define DEFINE_SEGMENT(XN, X, TN, T)                                                   \
-/* Except under EX_ALL the row's loop runs in place, with float targets or  */     \
-/* float32 logits' integer codes (float64 logits' in place, 32 lanes of       */     \
-/* doubles per step, made this file's compile 1.6x as long for 0.115 -> 0.185 */     \
-/* Gelem/s on a rare case), reading the weight and the mask's bytes in place  */     \
-/* (W1 in C at 1 thread, Zen 2: weight alone 0.36 -> 0.45 Gelem/s, mask alone */     \
-/* 0.33 -> 0.37, uint8 codes and a mask 0.36 -> 0.46). Under EX_ALL integer  */     \
-/* targets and the mask are converted to the compute type in chunks first (in */     \
-/* place there too made this file's compile 3x as long, for at most 10% with */     \
-/* all three extras).                                                          */     \
+/* Except under EX_ALL the weight and the mask's bytes are read in place      */     \
+/* (16M float32 logits, mean + grad, C at 1 thread, Zen 2: weight alone 0.36  */     \
+/* -> 0.45 Gelem/s, mask alone 0.33 -> 0.37, uint8 codes and a mask 0.36 ->   */     \
+/* 0.46), and so are float targets and float32 logits' integer codes;         */     \
+/* float64 logits' codes are converted to X in chunks (in place, 32 lanes of  */     \
+/* doubles per step, they made this file's compile 1.6x as long for 0.115 ->  */     \
+/* 0.185 Gelem/s on a rare case). Under EX_ALL integer targets and the mask   */     \
+/* are converted in chunks (in place there too made this file's compile 3x as */     \
+/* long, for at most 10% with all three extras).                               */     \
 ALWAYS_INLINE seg_sums segment_##XN##_##TN(const seg_args *s, int from_logits,          \
         int divergence, int ex, int want_g, int want_l)                                \
 {                                                                                      \
@@ -302,10 +302,10 @@ FASTSCE_CLONES static seg_sums seg_##XN##_##TN##_##FL##DV##EX##WG##WL(const seg_
 #define E16(XN, TN, FL) E8(XN, TN, FL, 0) E8(XN, TN, FL, 1)
 #define E32(XN, TN) E16(XN, TN, 0) E16(XN, TN, 1)
 /* table: index = from_logits<<4 | divergence<<3 | (ex == EX_ALL)<<2 | want_g<<1 |
- * want_l; common: the common call only, logits without divergence or loss map,
- * index [ex - EX_WEIGHT][want_g] (every set of loops costs compile time: all
- * 32 for a weight alone made this file's compile 1.7x as long; these six, 2%
- * and 14% more text). */
+ * want_l; common: the common call only, logits without divergence, loss map or
+ * pos_weight, index [ex - EX_WEIGHT][want_g] (every set of loops costs compile
+ * time: all 32 for a weight alone made this file's compile 1.7x as long; the
+ * two for a weight cost about 8%, the four for a mask 2% and 14% more text). */
 #define SEGMENT_TABLE(XN, X, TN, T)                                                    \
     DEFINE_SEGMENT(XN, X, TN, T)                                                       \
     V32(XN, TN)                                                                        \

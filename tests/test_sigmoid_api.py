@@ -179,26 +179,31 @@ def test_weight_and_mask_equal_them_with_a_neutral_pos_weight(backend, xdtype, t
     reference's numbers and, in C, bitwise those of the same call with a
     pos_weight of ones (its general loops), for every target type, with and
     without the gradient; strided, broadcast and float16 weights, strided and
-    broadcast masks too (gathered or converted by the walk). Numba specializes
+    broadcast masks too, alone and together (gathered or converted by the
+    walk). Numba specializes
     on each operand alike: compiling each pos_weight variant too made this
     test 1.9x as long with an empty cache."""
     rng = np.random.default_rng(9)
-    n = BLOCK + 700
-    x = (rng.standard_normal(n) * 4).astype(xdtype)
+    shape = (4, 4271)          # more than a block; rows longer than C's converted chunk
+    n = shape[0] * shape[1]
+    x = (rng.standard_normal(shape) * 4).astype(xdtype)
     if tdtype.startswith("uint"):
         top = np.iinfo(tdtype).max
-        z = rng.integers(0, top, n, endpoint=True).astype(tdtype)
-        z[::5] = 7
+        z = rng.integers(0, top, shape, endpoint=True).astype(tdtype)
+        z[:, ::5] = 7
     else:
-        z = rng.random(n).astype(tdtype)
-    weights = (rng.uniform(0, 2, n).astype(xdtype), rng.uniform(0, 2, 2 * n).astype(xdtype)[::2],
-               rng.uniform(0, 2, 1).astype(xdtype), rng.uniform(0, 2, n).astype(np.float16))
-    masks = (rng.random(n) < 0.8, (rng.random(2 * n) < 0.8)[::2], np.ones(1, bool))
+        z = rng.random(shape).astype(tdtype)
+    weights = (rng.uniform(0, 2, shape).astype(xdtype),
+               rng.uniform(0, 2, 2 * n).astype(xdtype)[::2].reshape(shape),
+               rng.uniform(0, 2, 1).astype(xdtype), rng.uniform(0, 2, shape).astype(np.float16))
+    masks = (rng.random(shape) < 0.8, (rng.random(2 * n) < 0.8)[::2].reshape(shape),
+             np.array([[True], [False], [True], [True]]))      # broadcast along rows
     extras = ([dict(weight=w) for w in weights] + [dict(mask=m) for m in masks]
-              + [dict(weight=w, mask=m) for w, m in zip(weights, masks)])
-    for kw in extras:
+              + [dict(weight=weights[0], mask=masks[0]), dict(weight=weights[1], mask=masks[2]),
+                 dict(weight=weights[3], mask=masks[1])])
+    for operands in extras:
         for grad, reduction in ((True, "mean"), (False, "sum")):
-            kw = dict(kw, ignore_value=ignore, reduction=reduction)
+            kw = dict(operands, ignore_value=ignore, reduction=reduction)
             common = sce(x, z, grad=grad, backend=backend, **kw)
             if backend == "c":
                 general = sce(x, z, pos_weight=np.ones(1, xdtype), grad=grad, backend="c", **kw)
