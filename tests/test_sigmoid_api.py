@@ -180,9 +180,8 @@ def test_weight_and_mask_equal_them_with_a_neutral_pos_weight(backend, xdtype, t
     pos_weight of ones (its general loops), for every target type, with and
     without the gradient; strided, broadcast and float16 weights, strided and
     broadcast masks too, alone and together (gathered or converted by the
-    walk). Numba specializes
-    on each operand alike: compiling each pos_weight variant too made this
-    test 1.9x as long with an empty cache."""
+    walk). Numba specializes on each operand alike: compiling each pos_weight
+    variant too made this test 1.9x as long with an empty cache."""
     rng = np.random.default_rng(9)
     shape = (4, 4271)          # more than a block; rows longer than C's converted chunk
     n = shape[0] * shape[1]
